@@ -1,0 +1,585 @@
+"""Ingestion: NIfTI / fMRIPrep runs -> one Zarr v3 store, in parallel on Dask.
+
+Protocol for each run (it runs on a Dask worker, which opens the store itself):
+
+1. read and check the headers, mask, confounds and TR (no voxel data yet);
+2. compare the inputs' fingerprint with the run's completion marker in the store:
+   a complete run with the same fingerprint is skipped;
+3. write the run's group template (metadata, coordinates, mask, confounds) with the
+   group attribute ``boldflow_status = "writing"``;
+4. stream the BOLD volumes batch by batch (one sequential pass over the file) into
+   chunk-aligned regions of the ``bold`` array;
+5. commit: rewrite the group attributes with ``boldflow_status = "complete"`` and the
+   fingerprint. That is a single key write, so a reader sees a run as complete only
+   after all of its chunks exist.
+
+Any failure removes the run's group (best effort) and is returned as a catalog row; the
+other runs go on. A run left as ``"writing"`` by a killed process is redone next time.
+The client then merges the rows into the catalog kept in the root group's attributes and
+consolidates the metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import time
+import traceback
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import fsspec
+import numpy as np
+import pandas as pd
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec
+
+from . import __version__ as _version
+from .bids import discover, read_sidecar_tr
+from .catalog import CATALOG_ATTR, FORMAT_VERSION, STATUS_ATTR, read_catalog, write_catalog
+from .chunking import ChunkPlan, parse_bytes, plan_bold_chunks
+from .confounds import check_confounds, read_confounds
+from .errors import InputError
+from .nifti import NiftiInfo, iter_volume_batches, read_header, read_volume
+from .runs import RunSpec
+from .stores import StoreRef, redact_url
+
+__all__ = ["IngestOptions", "ingest", "ingest_run", "load_manifest"]
+
+log = logging.getLogger(__name__)
+
+#: affines of a mask and its BOLD image may differ by float32 rounding, not more (mm)
+AFFINE_ATOL = 1e-3
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """How runs are written. Part of each run's fingerprint: changing it rewrites runs.
+
+    Parameters
+    ----------
+    chunk_bytes : int or str, default="32MiB"
+        Target uncompressed size of a BOLD chunk.
+    batch_bytes : int or str, default="256MiB"
+        Volumes held in memory at once while ingesting a run (the peak-memory knob).
+    shard_bytes : int or str, optional
+        Enable Zarr sharding with shards of about this size (recommended on object
+        stores: fewer, larger objects). None: no sharding.
+    clevel : int, default=3
+        Blosc-zstd level (with byte shuffle).
+    """
+
+    chunk_bytes: int | str = "32MiB"
+    batch_bytes: int | str = "256MiB"
+    shard_bytes: int | str | None = None
+    clevel: int = 3
+
+    def normalized(self) -> IngestOptions:
+        """The same options with sizes in bytes."""
+        return IngestOptions(
+            chunk_bytes=parse_bytes(self.chunk_bytes),
+            batch_bytes=parse_bytes(self.batch_bytes),
+            shard_bytes=parse_bytes(self.shard_bytes) if self.shard_bytes else None,
+            clevel=int(self.clevel),
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# checks on one run (no voxel data read)
+
+
+@dataclass
+class _CheckedRun:
+    spec: RunSpec
+    bold: NiftiInfo
+    t_r: float
+    tr_source: str
+    mask: np.ndarray | None
+    confounds: pd.DataFrame | None
+
+
+def _check_run(spec: RunSpec, source_options: dict) -> _CheckedRun:
+    bold = read_header(spec.bold, source_options)
+    if len(bold.shape) == 3:
+        raise InputError(spec.bold, f"is a 3D image {bold.shape}; a 4D BOLD series is expected")
+    if len(bold.shape) != 4:
+        raise InputError(spec.bold, f"has shape {bold.shape}; a 4D (x, y, z, time) image is "
+                                    "expected")
+    if bold.shape[3] < 2:
+        raise InputError(spec.bold, f"has {bold.shape[3]} volume(s); a time series needs >= 2")
+    if not np.all(np.isfinite(bold.affine)):
+        raise InputError(spec.bold, "has a non-finite affine")
+
+    # TR: explicit > sidecar > header. Disagreement is worth a log line, not an error
+    # (fMRIPrep sidecars are authoritative; headers are often wrong after conversions).
+    header_tr = bold.header_tr()
+    sidecar_tr = read_sidecar_tr(spec.sidecar, source_options) if spec.sidecar else None
+    if spec.t_r is not None:
+        if not (np.isfinite(spec.t_r) and spec.t_r > 0):
+            raise InputError(spec.bold, f"given TR {spec.t_r!r} is not a positive number")
+        t_r, tr_source = float(spec.t_r), "given"
+    elif sidecar_tr is not None:
+        t_r, tr_source = sidecar_tr, "sidecar"
+    elif header_tr is not None:
+        t_r, tr_source = header_tr, "header"
+    else:
+        where = f" and sidecar {spec.sidecar} has no RepetitionTime" if spec.sidecar else \
+            " and no JSON sidecar was found"
+        raise InputError(spec.bold, "missing or zero repetition time: header pixdim[4] = "
+                                    f"{float(bold.header['pixdim'][4])!r}{where}")
+    if header_tr is not None and sidecar_tr is not None and abs(header_tr - sidecar_tr) > 1e-3:
+        log.info("%s: header TR %.4g s differs from sidecar TR %.4g s; using the sidecar",
+                 spec.bold, header_tr, sidecar_tr)
+
+    mask = None
+    if spec.mask:
+        minfo = read_header(spec.mask, source_options)
+        if minfo.shape[:3] != bold.shape[:3] or len(minfo.shape) != 3:
+            raise InputError(spec.mask, f"mask shape {minfo.shape} does not match the BOLD "
+                                        f"grid {bold.shape[:3]} of {spec.bold}")
+        if not np.allclose(minfo.affine, bold.affine, atol=AFFINE_ATOL):
+            raise InputError(spec.mask, "mask affine differs from the BOLD affine of "
+                                        f"{spec.bold}:\n{minfo.affine}\nvs\n{bold.affine}")
+        raw = read_volume(minfo)
+        if np.issubdtype(raw.dtype, np.floating) and not np.all(np.isfinite(raw)):
+            raise InputError(spec.mask, "mask contains NaN or inf")
+        mask = (raw * minfo.slope + minfo.inter) != 0 if minfo.is_scaled else raw != 0
+        if not mask.any():
+            raise InputError(spec.mask, "mask is empty (no non-zero voxel)")
+
+    confounds = None
+    if spec.confounds:
+        confounds = read_confounds(spec.confounds, storage_options=source_options,
+                                   motion_format=spec.motion_format)
+        check_confounds(confounds, bold.shape[3], spec.confounds)
+    return _CheckedRun(spec, bold, t_r, tr_source, mask, confounds)
+
+
+# ----------------------------------------------------------------------------------------
+# fingerprints
+
+
+def _file_fingerprint(path: str | None, options: dict, *, full: bool) -> dict | None:
+    """Identity of an input file: size + modification stamp, and a content hash.
+
+    Small files (masks, TSVs, sidecars) are hashed whole. For BOLD images hashing every
+    byte would double the read cost of a re-run that only needs to skip, so the hash
+    covers the first MiB (the header and the first volumes) together with size and
+    mtime/ETag, which change whenever a file is rewritten.
+    """
+    if path is None:
+        return None
+    fs, fpath = fsspec.core.url_to_fs(path, **options)
+    try:
+        info = fs.info(fpath)
+        h = hashlib.sha256()
+        with fs.open(fpath, "rb") as f:
+            if full:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                h.update(f.read(1 << 20))
+    except FileNotFoundError as e:
+        raise InputError(path, "file not found") from e
+    except OSError as e:
+        raise InputError(path, f"cannot read ({e})") from e
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
+    return {"size": int(info.get("size") or 0), "stamp": str(stamp), "sha256": h.hexdigest()}
+
+
+def run_fingerprint(spec: RunSpec, options: IngestOptions, source_options: dict) -> str:
+    """sha256 over the run's input identities, its TR override and the write options."""
+    payload = {
+        "format": FORMAT_VERSION,
+        "bold": _file_fingerprint(spec.bold, source_options, full=False),
+        "mask": _file_fingerprint(spec.mask, source_options, full=True),
+        "confounds": _file_fingerprint(spec.confounds, source_options, full=True),
+        "sidecar": _file_fingerprint(spec.sidecar, source_options, full=True),
+        "t_r": spec.t_r,
+        "motion_format": spec.motion_format,
+        "entities": spec.entities,
+        "options": asdict(options.normalized()),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------
+# writing one run
+
+
+def _run_attrs(c: _CheckedRun, fingerprint: str, plan: ChunkPlan) -> dict[str, Any]:
+    hdr = c.bold.header
+    spec = c.spec
+    return {
+        STATUS_ATTR: "writing",
+        "boldflow_fingerprint": fingerprint,
+        "boldflow_version": _version,
+        "boldflow_format": FORMAT_VERSION,
+        "run_id": spec.run_id,
+        "entities": dict(spec.entities),
+        "repetition_time": c.t_r,
+        "repetition_time_source": c.tr_source,
+        "affine": np.asarray(c.bold.affine, dtype=float).tolist(),
+        "voxel_size": [float(z) for z in c.bold.zooms[:3]],
+        "shape": list(c.bold.shape),
+        "n_volumes": int(c.bold.shape[3]),
+        "spatial_units": hdr.get_xyzt_units()[0],
+        "qform_code": int(hdr["qform_code"]),
+        "sform_code": int(hdr["sform_code"]),
+        "source_dtype": str(c.bold.dtype.newbyteorder("=")),
+        "scl_slope": c.bold.slope,
+        "scl_inter": c.bold.inter,
+        "nifti_header": c.bold.header_b64(),
+        "mask_source": "file" if c.mask is not None else "none",
+        "sources": {
+            "bold": redact_url(spec.bold),
+            "mask": redact_url(spec.mask) if spec.mask else None,
+            "confounds": redact_url(spec.confounds) if spec.confounds else None,
+            "sidecar": redact_url(spec.sidecar) if spec.sidecar else None,
+        },
+        "chunks": list(plan.chunks),
+        "shards": list(plan.shards) if plan.shards else None,
+    }
+
+
+def _template(c: _CheckedRun, plan: ChunkPlan, attrs: dict, options: IngestOptions):
+    nx, ny, nz, nt = c.bold.shape
+    raw_dtype = c.bold.dtype.newbyteorder("=")
+    bold = da.zeros(c.bold.shape, dtype=raw_dtype, chunks=plan.write_unit)
+    geometry = {k: attrs[k] for k in ("affine", "voxel_size", "nifti_header", "repetition_time")}
+    mask = c.mask if c.mask is not None else np.ones((nx, ny, nz), dtype=bool)
+    conf = c.confounds if c.confounds is not None else pd.DataFrame(index=range(nt))
+    ds = xr.Dataset(
+        {
+            "bold": (("x", "y", "z", "time"), bold, {**geometry, "long_name": "BOLD signal"}),
+            "mask": (("x", "y", "z"), mask, {**geometry, "long_name": "brain mask"}),
+            "confounds": (("time", "confound"), conf.to_numpy(dtype=np.float64),
+                          {"long_name": "confound regressors"}),
+        },
+        coords={
+            "x": np.arange(nx), "y": np.arange(ny), "z": np.arange(nz),
+            "time": ("time", np.arange(nt) * c.t_r, {"units": "s", "long_name": "volume onset"}),
+            "confound": ("confound", np.asarray(conf.columns, dtype=object)),
+        },
+        attrs=attrs,
+    )
+    bold_enc: dict[str, Any] = {
+        "chunks": plan.chunks,
+        "compressors": [BloscCodec(cname="zstd", clevel=options.clevel, shuffle="shuffle")],
+        "dtype": raw_dtype,
+    }
+    if plan.shards:
+        bold_enc["shards"] = plan.shards
+    if c.bold.is_scaled:
+        bold_enc["scale_factor"] = c.bold.slope
+        bold_enc["add_offset"] = c.bold.inter
+    encoding = {
+        "bold": bold_enc,
+        "mask": {"chunks": (nx, ny, nz)},
+        "confounds": {"chunks": (nt, max(1, conf.shape[1]))},
+    }
+    return ds, encoding
+
+
+def _delete_group(zstore, path: str) -> None:
+    with contextlib.suppress(Exception):
+        root = zarr.open_group(zstore, mode="r+")
+        if path in root:
+            del root[path]
+
+
+def _catalog_row(spec: RunSpec, status: str, *, error: str | None = None,
+                 c: _CheckedRun | None = None, action: str = "", seconds: float = 0.0,
+                 fingerprint: str | None = None, nbytes: int = 0) -> dict[str, Any]:
+    row: dict[str, Any] = {"run_id": spec.run_id}
+    for key in ("sub", "ses", "task", "acq", "run", "space"):
+        row[key] = spec.entities.get(key)
+    row.update({
+        "group": spec.group_path,
+        "status": status,
+        "action": action,
+        "error": error,
+        "bold": redact_url(spec.bold),
+        "shape": list(c.bold.shape) if c else None,
+        "n_volumes": int(c.bold.shape[3]) if c else None,
+        "t_r": c.t_r if c else None,
+        "dtype": str(c.bold.dtype.newbyteorder("=")) if c else None,
+        "n_confounds": int(c.confounds.shape[1]) if c and c.confounds is not None else 0,
+        "has_mask": bool(c is not None and c.mask is not None),
+        "fingerprint": fingerprint,
+        "bytes": int(nbytes),
+        "seconds": round(float(seconds), 3),
+    })
+    return row
+
+
+def ingest_run(spec: RunSpec, store: StoreRef, options: IngestOptions | None = None,
+               source_options: dict | None = None, *, overwrite: bool = False) -> dict:
+    """Ingest one run into ``store``; never raises for bad input, returns a catalog row.
+
+    Parameters
+    ----------
+    spec : RunSpec
+        The run.
+    store : StoreRef
+        Destination store (opened by the calling process itself).
+    options : IngestOptions, optional
+        Chunking and compression.
+    source_options : dict, optional
+        fsspec options for reading the inputs.
+    overwrite : bool, default=False
+        Rewrite the run even when a complete copy with the same fingerprint exists.
+
+    Returns
+    -------
+    dict
+        One catalog row: entities, ``status`` ("complete" or "failed"), ``action``
+        ("ingested", "skipped", "failed"), ``error`` (names the file), shape, TR, bytes,
+        seconds.
+    """
+    options = (options or IngestOptions()).normalized()
+    source_options = dict(source_options or {})
+    start = time.perf_counter()
+    c = None
+    zstore = None
+    try:
+        c = _check_run(spec, source_options)
+        fingerprint = run_fingerprint(spec, options, source_options)
+        zstore = store.open()
+        path = spec.group_path
+        if not overwrite:
+            with contextlib.suppress(Exception):
+                grp = zarr.open_group(zstore, path=path, mode="r")
+                attrs = dict(grp.attrs)
+                if (attrs.get(STATUS_ATTR) == "complete"
+                        and attrs.get("boldflow_fingerprint") == fingerprint):
+                    return _catalog_row(spec, "complete", c=c, action="skipped",
+                                        fingerprint=fingerprint,
+                                        seconds=time.perf_counter() - start)
+        nbytes = _write_run(c, zstore, path, fingerprint, options)
+        return _catalog_row(spec, "complete", c=c, action="ingested", fingerprint=fingerprint,
+                            nbytes=nbytes, seconds=time.perf_counter() - start)
+    except Exception as e:
+        if zstore is not None:
+            _delete_group(zstore, spec.group_path)
+        if isinstance(e, InputError):
+            msg = str(e)
+        else:
+            msg = f"{redact_url(spec.bold)}: {type(e).__name__}: {e}"
+            log.debug("ingest of %s failed:\n%s", spec.run_id, traceback.format_exc())
+        return _catalog_row(spec, "failed", error=msg, c=c, action="failed",
+                            seconds=time.perf_counter() - start)
+
+
+def _write_run(c: _CheckedRun, zstore, path: str, fingerprint: str,
+               options: IngestOptions) -> int:
+    info = c.bold
+    plan = plan_bold_chunks(info.shape, info.dtype.itemsize, chunk_bytes=options.chunk_bytes,
+                            batch_bytes=options.batch_bytes, shard_bytes=options.shard_bytes)
+    attrs = _run_attrs(c, fingerprint, plan)
+    ds, encoding = _template(c, plan, attrs, options)
+    with warnings.catch_warnings():
+        # zarr's notes on v3 string dtypes, and xarray's on scaled integers without a
+        # _FillValue (NIfTI has no missing-value marker; NaN input is rejected earlier)
+        warnings.simplefilter("ignore", category=UserWarning)
+        warnings.simplefilter("ignore", category=xr.SerializationWarning)
+        # mode="w" replaces any stale or partial copy of this run (and only this run)
+        ds.to_zarr(zstore, group=path, mode="w", compute=False, zarr_format=3,
+                   consolidated=False, encoding=encoding)
+    arr = zarr.open_array(zstore, path=f"{path}/bold", mode="r+")
+    check_finite = np.issubdtype(info.dtype, np.floating)
+    nbytes = 0
+    for t0, raw in iter_volume_batches(info, plan.time_block):
+        if check_finite and not np.all(np.isfinite(raw)):
+            bad = ~np.isfinite(raw)
+            vox = np.argwhere(bad)[0]
+            raise InputError(info.path, f"contains {int(bad.sum())} NaN/inf voxel values "
+                                        f"(first at voxel {tuple(int(v) for v in vox[:3])}, "
+                                        f"volume {t0 + int(vox[3])})")
+        arr[:, :, :, t0:t0 + raw.shape[3]] = raw
+        nbytes += raw.nbytes
+    grp = zarr.open_group(zstore, path=path, mode="r+")
+    attrs[STATUS_ATTR] = "complete"
+    attrs["ingested_at"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    grp.attrs.put(attrs)  # one key write: the commit
+    return nbytes
+
+
+# ----------------------------------------------------------------------------------------
+# many runs
+
+
+def load_manifest(path: str | os.PathLike) -> list[RunSpec]:
+    """Read explicit runs from a YAML/JSON manifest (for data that is not BIDS).
+
+    The file holds a list (or a mapping with key ``runs``) of entries with the
+    :class:`RunSpec` fields; ``subject``/``task``/``session``/``run`` are accepted as
+    shorthands for the entities. Relative paths are relative to the manifest.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(str(path), f"cannot read manifest ({e})") from e
+    entries = data.get("runs") if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not entries:
+        raise InputError(str(path), "manifest must be a non-empty list of runs (or {runs: [...]})")
+    specs = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "bold" not in entry:
+            raise InputError(str(path), f"runs[{i}]: needs at least a 'bold' key")
+        entry = dict(entry)
+        entities = dict(entry.pop("entities", {}) or {})
+        for short, key in (("subject", "sub"), ("session", "ses"), ("task", "task"),
+                           ("run", "run"), ("space", "space"), ("acq", "acq")):
+            if short in entry:
+                entities[key] = str(entry.pop(short))
+        for key in ("bold", "mask", "confounds", "sidecar"):
+            if entry.get(key) and "://" not in str(entry[key]):
+                entry[key] = str((path.parent / entry[key]).resolve())
+        try:
+            specs.append(RunSpec(entities=entities, **entry))
+        except (TypeError, ValueError) as e:
+            raise InputError(str(path), f"runs[{i}]: {e}") from e
+    return specs
+
+
+def _absolute(spec: RunSpec) -> RunSpec:
+    """Local paths made absolute: workers may run in another working directory."""
+    fields = {}
+    for key in ("bold", "mask", "confounds", "sidecar"):
+        value = getattr(spec, key)
+        if value and "://" not in str(value):
+            fields[key] = str(Path(value).expanduser().resolve())
+    return dataclasses.replace(spec, **fields) if fields else spec
+
+
+def _resolve_runs(source, source_options: dict, filters: dict) -> list[RunSpec]:
+    if isinstance(source, RunSpec):
+        return [_absolute(source)]
+    if isinstance(source, Sequence) and not isinstance(source, str | bytes):
+        specs = list(source)
+        if not all(isinstance(s, RunSpec) for s in specs):
+            raise TypeError("a list source must contain RunSpec objects")
+        return [_absolute(s) for s in specs]
+    src = str(source)
+    if src.endswith((".yaml", ".yml", ".json")) and "://" not in src:
+        return load_manifest(src)
+    return discover(src, storage_options=source_options, **filters)
+
+
+def _init_root(zstore) -> zarr.Group:
+    root = zarr.open_group(zstore, mode="a", zarr_format=3)
+    fmt = root.attrs.get("boldflow_format")
+    if fmt is None:
+        root.attrs.update({"boldflow_format": FORMAT_VERSION, "boldflow_version": _version})
+    elif fmt != FORMAT_VERSION:
+        raise InputError(str(zstore), f"store has boldflow format {fmt}, this version writes "
+                                      f"{FORMAT_VERSION}; use a new store")
+    return root
+
+
+def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
+           store: str | os.PathLike | StoreRef, client=None, *,
+           storage_options: dict | None = None, source_options: dict | None = None,
+           subjects=None, sessions=None, tasks=None, runs=None, spaces=None,
+           chunk_bytes: int | str = "32MiB", batch_bytes: int | str = "256MiB",
+           shard_bytes: int | str | None = None, clevel: int = 3, overwrite: bool = False,
+           progress: bool = False) -> pd.DataFrame:
+    """Ingest fMRI runs into a Zarr v3 store, in parallel, resumably.
+
+    Parameters
+    ----------
+    source : str, path, RunSpec or list of RunSpec
+        A BIDS/fMRIPrep derivatives folder or URL (discovered with
+        :func:`storage.discover`), a YAML/JSON manifest of explicit runs, or RunSpecs.
+    store : str, path or StoreRef
+        Destination: local path or fsspec URL (``s3://bucket/study.zarr``).
+    client : distributed.Client, optional
+        Where to run. None: the current default client if one exists, else Dask's local
+        threaded scheduler in this process.
+    storage_options, source_options : dict, optional
+        fsspec options of the store and of the source (credentials, endpoints).
+    subjects, sessions, tasks, runs, spaces : str or list of str, optional
+        Discovery filters (BIDS sources only).
+    chunk_bytes, batch_bytes, shard_bytes, clevel
+        See :class:`IngestOptions`.
+    overwrite : bool, default=False
+        Rewrite runs that are already complete.
+    progress : bool, default=False
+        Show a progress bar.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The catalog rows of this ingestion, one per run, with ``status``
+        ("complete"/"failed"), ``action`` ("ingested"/"skipped"/"failed") and ``error``.
+        The store's full catalog (all runs ever ingested) is
+        :func:`storage.read_catalog`.
+    """
+    source_options = dict(source_options or {})
+    ref = StoreRef.coerce(store, storage_options)
+    options = IngestOptions(chunk_bytes, batch_bytes, shard_bytes, clevel).normalized()
+    filters = {"subjects": subjects, "sessions": sessions, "tasks": tasks, "runs": runs,
+               "spaces": spaces}
+    specs = _resolve_runs(source, source_options, filters)
+    ids = [s.run_id for s in specs]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise InputError(str(source), f"several inputs map to the same run id: {dup}")
+    zstore = ref.open()
+    _init_root(zstore)
+
+    rows = _map_runs(specs, ref, options, source_options, overwrite, client, progress)
+    frame = pd.DataFrame(rows)
+    write_catalog(zstore, rows)
+    return frame
+
+
+def _map_runs(specs, ref, options, source_options, overwrite, client, progress) -> list[dict]:
+    if client is None:
+        with contextlib.suppress(ImportError, ValueError):
+            from distributed import get_client
+
+            client = get_client()
+    if client is not None:
+        from distributed import as_completed
+
+        futures = [
+            client.submit(ingest_run, spec, ref, options, source_options, overwrite=overwrite,
+                          key=f"ingest-{spec.run_id}-{dask.base.tokenize(ref.url, options)}",
+                          pure=False)
+            for spec in specs
+        ]
+        if progress:
+            from distributed import progress as dprogress
+
+            dprogress(futures)
+        by_key = {}
+        for fut in as_completed(futures):
+            by_key[fut.key] = fut.result()
+        return [by_key[f.key] for f in futures]
+    tasks = [dask.delayed(ingest_run, pure=False)(spec, ref, options, source_options,
+                                                  overwrite=overwrite) for spec in specs]
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar():
+            return list(dask.compute(*tasks, scheduler="threads"))
+    return list(dask.compute(*tasks, scheduler="threads"))
+
+
+__all__ += ["CATALOG_ATTR", "read_catalog", "run_fingerprint"]
