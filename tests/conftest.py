@@ -1,0 +1,117 @@
+"""Shared fixtures: a real S3-compatible server and real Dask processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------ S3 (moto)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on a random loopback port (as s3fs and zarr test themselves).
+
+    Yields the endpoint URL. Credentials are dummies exported as environment variables,
+    so that worker processes started by tests authenticate like real ones would.
+    """
+    from moto.server import ThreadedMotoServer
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(key, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket; yields ``(bucket_name, storage_options)``."""
+    import boto3
+
+    name = f"bf-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    options = {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"},
+               "use_listings_cache": False}
+    return name, options
+
+
+# ------------------------------------------------------------------- real Dask processes
+
+
+def _dask_cli() -> list[str]:
+    exe = Path(sys.executable).parent / "dask"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dask"]
+
+
+@pytest.fixture(scope="module")
+def dask_processes(tmp_path_factory):
+    """A ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1.
+
+    Yields ``(address, procs)`` where ``procs["workers"]`` are the worker Popen objects
+    (tests may kill them). Everything is torn down afterwards.
+    """
+    from distributed import Client
+
+    tmp_path = tmp_path_factory.mktemp("dask")
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    workdir = tmp_path / "dask-cwd"
+    workdir.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "dask.log", "w")  # noqa: SIM115 - closed in the finally below
+    sched = subprocess.Popen(_dask_cli() + ["scheduler", "--host", "127.0.0.1", "--port",
+                                            str(port), "--dashboard-address", ":0"],
+                             cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    workers = [
+        subprocess.Popen(_dask_cli() + ["worker", address, "--nthreads", "1",
+                                        "--memory-limit", "2GiB", "--host", "127.0.0.1",
+                                        "--local-directory", str(workdir / f"w{i}"),
+                                        "--no-dashboard"],
+                         cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+        for i in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with Client(address, timeout=5) as client:
+                    client.wait_for_workers(2, timeout=60)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield address, {"scheduler": sched, "workers": workers}
+    finally:
+        for p in [*workers, sched]:
+            p.terminate()
+        for p in [*workers, sched]:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
