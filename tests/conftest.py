@@ -82,17 +82,17 @@ def dask_processes(tmp_path_factory):
     workdir.mkdir()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "dask.log", "w")  # noqa: SIM115 - closed in the finally below
-    sched = subprocess.Popen(_dask_cli() + ["scheduler", "--host", "127.0.0.1", "--port",
-                                            str(port), "--dashboard-address", ":0"],
-                             cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    workers = [
-        subprocess.Popen(_dask_cli() + ["worker", address, "--nthreads", "1",
-                                        "--memory-limit", "2GiB", "--host", "127.0.0.1",
-                                        "--local-directory", str(workdir / f"w{i}"),
-                                        "--no-dashboard"],
-                         cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-        for i in range(2)
-    ]
+    sched_cmd = [*_dask_cli(), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                 "--dashboard-address", ":0"]
+    sched = subprocess.Popen(sched_cmd, cwd=workdir, env=env, stdout=log,
+                             stderr=subprocess.STDOUT)
+    workers = []
+    for i in range(2):
+        cmd = [*_dask_cli(), "worker", address, "--nthreads", "1", "--memory-limit", "2GiB",
+               "--host", "127.0.0.1", "--local-directory", str(workdir / f"w{i}"),
+               "--no-dashboard"]
+        workers.append(subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log,
+                                        stderr=subprocess.STDOUT))
     try:
         deadline = time.monotonic() + 60
         while True:
