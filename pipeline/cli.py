@@ -37,6 +37,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        # distributed logs every worker start/stop at INFO; the dashboard shows it better.
+        # Import it first: it configures its loggers on import.
+        import distributed  # noqa: F401
+
+        for name in ("distributed", "tornado"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("bokeh").setLevel(logging.ERROR)
 
 
 @cli.command()

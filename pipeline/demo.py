@@ -44,9 +44,9 @@ def run_demo(out: Path, *, n_subjects: int = 8, n_volumes: int = 150, seed: int 
     src = np.asanyarray(nib.load(first["bold"]).dataobj)
     same = bool(np.array_equal(ds["bold"].values, src))
     truth = load_truth(sim.root)
-    echo(f"[3/3] {first['run_id']}: store == source NIfTI: {same}; "
-         f"ground truth: {len(truth.get('networks', truth.get('network_names', [])) or [])} "
-         "networks saved")
+    echo(f"[3/3] {first['run_id']}: store == source NIfTI voxel for voxel: {same}; "
+         f"ground truth ({len(truth['networks'])} networks, group effect on network pairs "
+         f"{truth['effect_pairs']}) in {sim.truth_json}")
     echo(describe_store(store))
     echo("Later stages (cleaning, parcellation, connectivity, ICA) are not implemented yet.")
     return {"root": sim.root, "store": store, "catalog": catalog, "roundtrip_equal": same}
