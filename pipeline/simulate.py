@@ -612,6 +612,10 @@ def _build_anatomy(shape: tuple[int, int, int], voxel_size: tuple[float, ...], n
     tissue[rho < 1.0] = _GM
     tissue[rho < 0.6] = _WM
     tissue[rho < 0.25] = _CSF
+    for label, name in ((_CSF, "CSF"), (_WM, "white-matter"), (_GM, "grey-matter")):
+        if not np.any(tissue == label):
+            raise ValueError(f"grid {shape} is too small to hold {name} voxels; "
+                             "use at least 10 voxels along each axis")
     mask = rho < 1.0
     pos_norm = rel / (dims / 2)[:, None, None, None]
 

@@ -553,3 +553,8 @@ def test_dvars_on_a_voxel_sample_for_large_masks(tmp_path):
     std, nstd = _nipype_dvars(_bold(ds.bold[0])[mask])
     np.testing.assert_allclose(conf["dvars"][1:], nstd, rtol=0.01)
     np.testing.assert_allclose(conf["std_dvars"][1:], std, rtol=0.03)
+
+
+def test_too_small_grid_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="too small"):
+        simulate_dataset(tmp_path, n_subjects=1, shape=(8, 8, 8), n_volumes=10)

@@ -1,0 +1,77 @@
+"""The ``boldflow`` command as users run it: a real process, a real LocalCluster."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import storage
+from pipeline.simulate import simulate_dataset
+
+
+def _boldflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "boldflow"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
+    return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_demo(tmp_path):
+    res = _boldflow("demo", "--out", str(tmp_path / "d"), "--subjects", "2", "--volumes", "30",
+                    "--workers", "1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "Dask dashboard: http://" in res.stdout
+    assert "store == source NIfTI voxel for voxel: True" in res.stdout
+    bs = storage.open_store(tmp_path / "d" / "study.zarr")
+    assert list(bs.runs()["n_volumes"]) == [30, 30]
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    return simulate_dataset(tmp_path_factory.mktemp("sim"), n_subjects=3, shape=(10, 12, 9),
+                            n_volumes=24, seed=3)
+
+
+def test_ingest_reports_failures_and_keeps_successes(tmp_path, sim):
+    src = tmp_path / "derivs"
+    shutil.copytree(sim.root, src)
+    bad = next(src.rglob("sub-02_*desc-preproc_bold.nii.gz"))
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated
+    res = _boldflow("ingest", str(src), str(tmp_path / "s.zarr"), "--workers", "1",
+                    cwd=tmp_path)
+    assert res.returncode == 1
+    assert bad.name in res.stderr and "error:" in res.stderr
+    assert "2 ingested" in res.stdout and "1 failed" in res.stdout
+    cat = storage.open_store(tmp_path / "s.zarr").catalog.set_index("sub")
+    assert cat.loc["01", "status"] == "complete" and cat.loc["03", "status"] == "complete"
+    assert cat.loc["02", "status"] == "failed"
+    # inspect shows the same
+    res = _boldflow("inspect", str(tmp_path / "s.zarr"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "2 complete, 1 failed" in res.stdout and bad.name in res.stdout
+
+
+def test_ingest_filters_and_rerun(tmp_path, sim):
+    store = str(tmp_path / "s.zarr")
+    res = _boldflow("ingest", str(sim.root), store, "--workers", "1", "--subject", "01",
+                    "--subject", "03", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "2 ingested" in res.stdout
+    res = _boldflow("ingest", str(sim.root), store, "--workers", "1", cwd=tmp_path)
+    assert "1 ingested" in res.stdout and "2 skipped" in res.stdout
+    ds = storage.open_run(store, subject="02", task="rest")
+    np.testing.assert_array_equal(ds["bold"].values,
+                                  np.asanyarray(nib.load(sim.runs[1].bold).dataobj))
+
+
+def test_cli_errors_exit_2(tmp_path):
+    res = _boldflow("inspect", str(tmp_path / "missing.zarr"), cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.startswith("error:") and "missing.zarr" in res.stderr
+    res = _boldflow("ingest", str(tmp_path / "empty"), str(tmp_path / "s.zarr"), cwd=tmp_path)
+    assert res.returncode == 2 and "error:" in res.stderr
