@@ -557,4 +557,4 @@ def test_dvars_on_a_voxel_sample_for_large_masks(tmp_path):
 
 def test_too_small_grid_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="too small"):
-        simulate_dataset(tmp_path, n_subjects=1, shape=(8, 8, 8), n_volumes=10)
+        simulate_dataset(tmp_path, n_subjects=1, shape=(8, 8, 8), n_volumes=20)
