@@ -75,7 +75,7 @@ def demo(out: Path, subjects: int, volumes: int, seed: int, workers: int | None,
 @click.option("--task", "tasks", multiple=True, help="Only these tasks (repeatable).")
 @click.option("--space", "spaces", multiple=True, help="Only these spaces (repeatable).")
 @click.option("--chunk-size", default="32MiB", show_default=True, help="Target chunk size.")
-@click.option("--batch-size", default="256MiB", show_default=True,
+@click.option("--batch-size", default="128MiB", show_default=True,
               help="Volumes held in memory per run while ingesting.")
 @click.option("--shard-size", default=None, help="Enable sharding (object stores), e.g. 256MiB.")
 @click.option("--overwrite", is_flag=True, help="Rewrite runs that are already complete.")

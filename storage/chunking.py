@@ -59,7 +59,7 @@ def _split_to_target(dims: list[int], fixed_bytes: int, target: int) -> list[int
 
 
 def plan_bold_chunks(shape: tuple[int, int, int, int], itemsize: int, *,
-                     chunk_bytes: int = 32 * MiB, batch_bytes: int = 256 * MiB,
+                     chunk_bytes: int = 32 * MiB, batch_bytes: int = 128 * MiB,
                      shard_bytes: int | None = None) -> ChunkPlan:
     """Plan chunks for a ``(x, y, z, time)`` array.
 
@@ -71,7 +71,7 @@ def plan_bold_chunks(shape: tuple[int, int, int, int], itemsize: int, *,
         Bytes per voxel value on disk.
     chunk_bytes : int, default=32 MiB
         Target uncompressed chunk size.
-    batch_bytes : int, default=256 MiB
+    batch_bytes : int, default=128 MiB
         Memory budget of one ingest batch: the number of volumes held at once. When the
         whole run fits, chunks span all volumes.
     shard_bytes : int, optional

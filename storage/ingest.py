@@ -71,27 +71,38 @@ class IngestOptions:
     ----------
     chunk_bytes : int or str, default="32MiB"
         Target uncompressed size of a BOLD chunk.
-    batch_bytes : int or str, default="256MiB"
+    batch_bytes : int or str, default="128MiB"
         Volumes held in memory at once while ingesting a run (the peak-memory knob).
     shard_bytes : int or str, optional
         Enable Zarr sharding with shards of about this size (recommended on object
         stores: fewer, larger objects). None: no sharding.
-    clevel : int, default=3
-        Blosc-zstd level (with byte shuffle).
+    clevel : int, default=1
+        Blosc-zstd compression level.
+    shuffle : {"bitshuffle", "shuffle", "noshuffle"}, default="bitshuffle"
+        Blosc pre-filter. On real int16 BOLD (Haxby, time-contiguous chunks) zstd level 1
+        with bit shuffle compresses better than level 3 with byte shuffle (3.1x vs 2.8x)
+        and encodes about twice as fast; see tests/benchmarks/RESULTS.md.
     """
 
     chunk_bytes: int | str = "32MiB"
-    batch_bytes: int | str = "256MiB"
+    batch_bytes: int | str = "128MiB"
     shard_bytes: int | str | None = None
-    clevel: int = 3
+    clevel: int = 1
+    shuffle: str = "bitshuffle"
 
     def normalized(self) -> IngestOptions:
-        """The same options with sizes in bytes."""
+        """The same options with sizes in bytes (and validated)."""
+        if self.shuffle not in ("bitshuffle", "shuffle", "noshuffle"):
+            raise ValueError(f"shuffle must be bitshuffle, shuffle or noshuffle, "
+                             f"got {self.shuffle!r}")
+        if not 0 <= int(self.clevel) <= 9:
+            raise ValueError(f"clevel must be in 0..9, got {self.clevel!r}")
         return IngestOptions(
             chunk_bytes=parse_bytes(self.chunk_bytes),
             batch_bytes=parse_bytes(self.batch_bytes),
             shard_bytes=parse_bytes(self.shard_bytes) if self.shard_bytes else None,
             clevel=int(self.clevel),
+            shuffle=str(self.shuffle),
         )
 
 
@@ -276,7 +287,8 @@ def _template(c: _CheckedRun, plan: ChunkPlan, attrs: dict, options: IngestOptio
     )
     bold_enc: dict[str, Any] = {
         "chunks": plan.chunks,
-        "compressors": [BloscCodec(cname="zstd", clevel=options.clevel, shuffle="shuffle")],
+        "compressors": [BloscCodec(cname="zstd", clevel=options.clevel,
+                                  shuffle=options.shuffle)],
         "dtype": raw_dtype,
     }
     if plan.shards:
@@ -382,6 +394,24 @@ def ingest_run(spec: RunSpec, store: StoreRef, options: IngestOptions | None = N
                             seconds=time.perf_counter() - start)
 
 
+def time_last(raw: np.ndarray, block: int = 8192) -> np.ndarray:
+    """Re-lay a Fortran-ordered ``(x, y, z, t)`` batch so each voxel's samples are adjacent.
+
+    NIfTI stores volumes one after the other; chunks store voxel time series. NumPy's
+    4D axis reversal is a strided copy that runs at ~150 MB/s and would be the slowest
+    step of ingestion. Viewed as a C-ordered ``(t, voxel)`` matrix, the same bytes need
+    only a 2D transpose, done here in cache-sized voxel blocks (~1.3 GB/s). The result is
+    an ``(x, y, z, t)`` view of ``(z, y, x, t)`` C-ordered memory: zarr then copies whole
+    time series (contiguous runs) into each chunk.
+    """
+    nx, ny, nz, nt = raw.shape
+    flat = raw.T.reshape(nt, -1)  # (t, voxel) C-contiguous view, voxels in (z, y, x) order
+    out = np.empty((flat.shape[1], nt), dtype=raw.dtype)
+    for v0 in range(0, flat.shape[1], block):
+        out[v0:v0 + block] = flat[:, v0:v0 + block].T
+    return out.reshape(nz, ny, nx, nt).transpose(2, 1, 0, 3)
+
+
 def _write_run(c: _CheckedRun, zstore, path: str, fingerprint: str,
                options: IngestOptions) -> int:
     info = c.bold
@@ -407,7 +437,7 @@ def _write_run(c: _CheckedRun, zstore, path: str, fingerprint: str,
             raise InputError(info.path, f"contains {int(bad.sum())} NaN/inf voxel values "
                                         f"(first at voxel {tuple(int(v) for v in vox[:3])}, "
                                         f"volume {t0 + int(vox[3])})")
-        arr[:, :, :, t0:t0 + raw.shape[3]] = raw
+        arr[:, :, :, t0:t0 + raw.shape[3]] = time_last(raw)
         nbytes += raw.nbytes
     grp = zarr.open_group(zstore, path=path, mode="r+")
     attrs[STATUS_ATTR] = "complete"
@@ -496,8 +526,9 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
            store: str | os.PathLike | StoreRef, client=None, *,
            storage_options: dict | None = None, source_options: dict | None = None,
            subjects=None, sessions=None, tasks=None, runs=None, spaces=None,
-           chunk_bytes: int | str = "32MiB", batch_bytes: int | str = "256MiB",
-           shard_bytes: int | str | None = None, clevel: int = 3, overwrite: bool = False,
+           chunk_bytes: int | str = "32MiB", batch_bytes: int | str = "128MiB",
+           shard_bytes: int | str | None = None, clevel: int = 1,
+           shuffle: str = "bitshuffle", overwrite: bool = False,
            progress: bool = False) -> pd.DataFrame:
     """Ingest fMRI runs into a Zarr v3 store, in parallel, resumably.
 
@@ -515,7 +546,7 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
         fsspec options of the store and of the source (credentials, endpoints).
     subjects, sessions, tasks, runs, spaces : str or list of str, optional
         Discovery filters (BIDS sources only).
-    chunk_bytes, batch_bytes, shard_bytes, clevel
+    chunk_bytes, batch_bytes, shard_bytes, clevel, shuffle
         See :class:`IngestOptions`.
     overwrite : bool, default=False
         Rewrite runs that are already complete.
@@ -532,7 +563,8 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
     """
     source_options = dict(source_options or {})
     ref = StoreRef.coerce(store, storage_options)
-    options = IngestOptions(chunk_bytes, batch_bytes, shard_bytes, clevel).normalized()
+    options = IngestOptions(chunk_bytes, batch_bytes, shard_bytes, clevel,
+                            shuffle).normalized()
     filters = {"subjects": subjects, "sessions": sessions, "tasks": tasks, "runs": runs,
                "spaces": spaces}
     specs = _resolve_runs(source, source_options, filters)
