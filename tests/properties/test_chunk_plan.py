@@ -53,3 +53,21 @@ def test_small_runs_get_whole_time_series(shape, itemsize):
     nbytes = math.prod(shape) * itemsize
     plan = plan_bold_chunks(shape, itemsize, batch_bytes=max(nbytes, 1))
     assert plan.chunks[3] == shape[3]
+
+
+@settings(max_examples=100, deadline=None)
+@given(shape=st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 9),
+                       st.integers(1, 12)),
+       block=st.integers(1, 50), dtype=st.sampled_from(["int16", "float32", "uint8"]))
+def test_time_last_is_a_pure_relayout(shape, block, dtype):
+    import numpy as np
+
+    from storage.ingest import time_last
+
+    rng = np.random.default_rng(0)
+    raw = np.asfortranarray(rng.integers(0, 100, size=shape).astype(dtype))
+    out = time_last(raw, block=block)
+    assert out.shape == raw.shape
+    np.testing.assert_array_equal(out, raw)
+    # each voxel's time series is contiguous in memory (what chunk copies need)
+    assert out.strides[3] == raw.itemsize
