@@ -118,6 +118,7 @@ class _CheckedRun:
     tr_source: str
     mask: np.ndarray | None
     confounds: pd.DataFrame | None
+    confounds_metadata: dict | None = None
 
 
 def _check_run(spec: RunSpec, source_options: dict) -> _CheckedRun:
@@ -174,7 +175,33 @@ def _check_run(spec: RunSpec, source_options: dict) -> _CheckedRun:
         confounds = read_confounds(spec.confounds, storage_options=source_options,
                                    motion_format=spec.motion_format)
         check_confounds(confounds, bold.shape[3], spec.confounds)
-    return _CheckedRun(spec, bold, t_r, tr_source, mask, confounds)
+    conf_meta = _confounds_metadata(spec.confounds, source_options) if spec.confounds else None
+    return _CheckedRun(spec, bold, t_r, tr_source, mask, confounds, conf_meta)
+
+
+def confounds_sidecar(path: str) -> str | None:
+    """The JSON sidecar fMRIPrep writes next to a confounds TSV (CompCor metadata)."""
+    for ext in (".tsv.gz", ".tsv"):
+        if path.endswith(ext):
+            return path[: -len(ext)] + ".json"
+    return None
+
+
+def _confounds_metadata(path: str, options: dict) -> dict | None:
+    sidecar = confounds_sidecar(path)
+    if sidecar is None:
+        return None
+    fs, fpath = fsspec.core.url_to_fs(sidecar, **options)
+    try:
+        if not fs.exists(fpath):
+            return None
+        with fs.open(fpath, "rb") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(sidecar, f"cannot read confounds sidecar JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise InputError(sidecar, "confounds sidecar JSON is not an object")
+    return meta
 
 
 # ----------------------------------------------------------------------------------------
@@ -209,6 +236,15 @@ def _file_fingerprint(path: str | None, options: dict, *, full: bool) -> dict | 
     return {"size": int(info.get("size") or 0), "stamp": str(stamp), "sha256": h.hexdigest()}
 
 
+def _optional_fingerprint(path: str | None, options: dict) -> dict | None:
+    if path is None:
+        return None
+    fs, fpath = fsspec.core.url_to_fs(path, **options)
+    if not fs.exists(fpath):
+        return None
+    return _file_fingerprint(path, options, full=True)
+
+
 def run_fingerprint(spec: RunSpec, options: IngestOptions, source_options: dict) -> str:
     """sha256 over the run's input identities, its TR override and the write options."""
     payload = {
@@ -216,6 +252,8 @@ def run_fingerprint(spec: RunSpec, options: IngestOptions, source_options: dict)
         "bold": _file_fingerprint(spec.bold, source_options, full=False),
         "mask": _file_fingerprint(spec.mask, source_options, full=True),
         "confounds": _file_fingerprint(spec.confounds, source_options, full=True),
+        "confounds_sidecar": _optional_fingerprint(
+            confounds_sidecar(spec.confounds) if spec.confounds else None, source_options),
         "sidecar": _file_fingerprint(spec.sidecar, source_options, full=True),
         "t_r": spec.t_r,
         "motion_format": spec.motion_format,
@@ -276,7 +314,9 @@ def _template(c: _CheckedRun, plan: ChunkPlan, attrs: dict, options: IngestOptio
             "bold": (("x", "y", "z", "time"), bold, {**geometry, "long_name": "BOLD signal"}),
             "mask": (("x", "y", "z"), mask, {**geometry, "long_name": "brain mask"}),
             "confounds": (("time", "confound"), conf.to_numpy(dtype=np.float64),
-                          {"long_name": "confound regressors"}),
+                          {"long_name": "confound regressors",
+                           # fMRIPrep's sidecar (CompCor masks, variance explained)
+                           "metadata": c.confounds_metadata or {}}),
         },
         coords={
             "x": np.arange(nx), "y": np.arange(ny), "z": np.arange(nz),

@@ -60,3 +60,13 @@ def test_discover_and_ingest_from_s3_to_s3(sim, s3_bucket):
         ds = storage.open_run(f"s3://{bucket}/study.zarr", subject="02", session="post",
                               task="rest", run=run.entities["run"], storage_options=options)
         _check_run(ds, run)
+
+
+def test_confounds_sidecar_metadata_is_kept(tmp_path, sim):
+    import json
+
+    storage.ingest(sim.root, tmp_path / "s.zarr", subjects="01", sessions="pre", runs="1")
+    ds = storage.open_run(tmp_path / "s.zarr", subject="01", session="pre", task="rest", run=1)
+    sidecar = json.loads(sim.runs[0].confounds.with_suffix(".json").read_text())
+    assert ds["confounds"].attrs["metadata"] == sidecar
+    assert any(k.startswith("a_comp_cor") for k in ds["confounds"].attrs["metadata"])
