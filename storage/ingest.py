@@ -445,7 +445,9 @@ def time_last(raw: np.ndarray, block: int = 8192) -> np.ndarray:
     time series (contiguous runs) into each chunk.
     """
     nx, ny, nz, nt = raw.shape
-    flat = raw.T.reshape(nt, -1)  # (t, voxel) C-contiguous view, voxels in (z, y, x) order
+    # (t, voxel) C-ordered, voxels in (z, y, x) order: a free view of a whole Fortran batch,
+    # one contiguous-run copy for a slab of it
+    flat = np.ascontiguousarray(raw.T).reshape(nt, -1)
     out = np.empty((flat.shape[1], nt), dtype=raw.dtype)
     for v0 in range(0, flat.shape[1], block):
         out[v0:v0 + block] = flat[:, v0:v0 + block].T
@@ -477,8 +479,13 @@ def _write_run(c: _CheckedRun, zstore, path: str, fingerprint: str,
             raise InputError(info.path, f"contains {int(bad.sum())} NaN/inf voxel values "
                                         f"(first at voxel {tuple(int(v) for v in vox[:3])}, "
                                         f"volume {t0 + int(vox[3])})")
-        arr[:, :, :, t0:t0 + raw.shape[3]] = time_last(raw)
+        # one slab of whole chunks (or shards) at a time: the re-laid copy and zarr's
+        # encode buffers stay a fraction of the batch
+        step = plan.write_unit[0]
+        for x0 in range(0, raw.shape[0], step):
+            arr[x0:x0 + step, :, :, t0:t0 + raw.shape[3]] = time_last(raw[x0:x0 + step])
         nbytes += raw.nbytes
+        del raw  # before the next batch is read: never two batches in memory
     grp = zarr.open_group(zstore, path=path, mode="r+")
     attrs[STATUS_ATTR] = "complete"
     attrs["ingested_at"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")

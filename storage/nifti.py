@@ -243,6 +243,7 @@ def iter_volume_batches(info: NiftiInfo, batch: int) -> Iterator[tuple[int, np.n
                 if raw.dtype != native:
                     raw = raw.astype(native)
                 yield t0, raw
+                del raw  # let the consumer free it before the next batch is allocated
         except InputError:
             raise
         except _DECODE_ERRORS as e:

@@ -32,13 +32,14 @@ import psutil
 def make_data(out: Path, n_subjects: int, shape, n_volumes: int, dtype: str) -> Path:
     from pipeline.simulate import simulate_dataset
 
-    marker = out / f".done-{n_subjects}-{'x'.join(map(str, shape))}-{n_volumes}-{dtype}"
+    root = out / f"throughput-{n_subjects}-{'x'.join(map(str, shape))}-{n_volumes}-{dtype}"
+    marker = root / ".done"
     if not marker.exists():
-        shutil.rmtree(out, ignore_errors=True)
-        simulate_dataset(out, n_subjects=n_subjects, shape=tuple(shape), n_volumes=n_volumes,
+        shutil.rmtree(root, ignore_errors=True)
+        simulate_dataset(root, n_subjects=n_subjects, shape=tuple(shape), n_volumes=n_volumes,
                          dtype=dtype, seed=0)
         marker.touch()
-    return out
+    return root
 
 
 def raw_limit(files: list[str]) -> tuple[float, float, float]:
