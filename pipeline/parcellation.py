@@ -1,0 +1,276 @@
+"""Atlases and region signals, out of core over voxel blocks.
+
+Label atlases give region means (as :class:`nilearn.maskers.NiftiLabelsMasker`),
+probabilistic maps give least-squares region signals (as
+:class:`nilearn.maskers.NiftiMapsMasker`). Both are reductions over voxels: each voxel
+block of the masked ``(time, voxel)`` matrix contributes small partial sums (per-label
+sums, or ``M^T M`` and ``M^T Y``), which are added up; no stage holds a run.
+
+Regions that have no voxel inside a subject's mask are kept as NaN columns, so every
+subject has the same columns, labelled by the atlas' region names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import dask
+import dask.array as da
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+__all__ = ["Atlas", "label_signals", "load_atlas", "map_signals"]
+
+
+@dataclass
+class Atlas:
+    """An atlas on a data grid.
+
+    Attributes
+    ----------
+    kind : {"labels", "maps"}
+        Label image (one integer per voxel) or probabilistic maps (one volume per region).
+    data : numpy.ndarray
+        ``(x, y, z)`` int labels, or ``(x, y, z, region)`` float maps, on the data grid.
+    labels : list of int
+        Label values of the regions (labels atlases), in column order.
+    names : list of str
+        Region names, in column order.
+    affine : numpy.ndarray
+        The grid's affine.
+    """
+
+    kind: str
+    data: np.ndarray
+    labels: list[int]
+    names: list[str]
+    affine: np.ndarray
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def _read_table(path: str) -> dict[int, str] | None:
+    """Region names from a BIDS ``_dseg.tsv`` (index, name) or a FreeSurfer-style LUT."""
+    stem = path
+    for ext in (".nii.gz", ".nii"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+    candidates = [stem + ".tsv"]
+    base = os.path.basename(stem)
+    if "atlas-" in base:  # tpl-X_atlas-Y_res-02_desc-Z_dseg -> atlas-Y_desc-Z_dseg.tsv
+        parts = [p for p in base.split("_") if p.split("-")[0] in ("atlas", "desc", "seg")
+                 or "-" not in p]
+        candidates.append(os.path.join(os.path.dirname(stem), "_".join(parts) + ".tsv"))
+    for cand in candidates:
+        if os.path.exists(cand):
+            table = pd.read_csv(cand, sep="\t")
+            cols = {c.lower(): c for c in table.columns}
+            if "index" in cols and ("name" in cols or "label" in cols):
+                name_col = cols.get("name", cols.get("label"))
+                return {int(i): str(n) for i, n in zip(table[cols["index"]], table[name_col],
+                                                       strict=True)}
+    return None
+
+
+def load_atlas(path: str | os.PathLike, *, reference: xr.Dataset | xr.DataArray,
+               kind: str = "auto", names: Sequence[str] | None = None,
+               split_connected: bool = False, min_region_size: int = 1) -> Atlas:
+    """Read an atlas and resample it to a run's grid.
+
+    Parameters
+    ----------
+    path : str or path
+        NIfTI label image (3D integers) or probabilistic maps (4D).
+    reference : xarray.Dataset or DataArray
+        A run (or anything with ``affine`` and x/y/z sizes) giving the target grid.
+    kind : {"auto", "labels", "maps"}
+        ``auto``: 3D -> labels, 4D -> maps.
+    names : list of str, optional
+        Region names; default from a ``.tsv`` next to the atlas (BIDS ``index``/``name``),
+        else ``label-<n>`` / ``map-<n>``.
+    split_connected : bool, default=False
+        Split each label into its 26-connected components
+        (:func:`nilearn.regions.connected_label_regions`) before resampling.
+    min_region_size : int, default=1
+        With ``split_connected``: components smaller than this (in mm^3) are dropped.
+
+    Notes
+    -----
+    Labels are resampled with nearest-neighbour interpolation, maps with continuous
+    interpolation, as nilearn's maskers do with ``resampling_target="data"``.
+    """
+    from nilearn.image import resample_to_img
+
+    path = str(path)
+    img = nib.load(path)
+    if kind == "auto":
+        kind = "maps" if len(img.shape) == 4 and img.shape[3] > 1 else "labels"
+    shape = tuple(int(reference.sizes[d]) for d in ("x", "y", "z"))
+    affine = np.asarray(reference.attrs["affine"], dtype=float)
+    target = nib.Nifti1Image(np.zeros(shape, dtype=np.int8), affine)
+    table = _read_table(path)
+    if kind == "labels":
+        if len(img.shape) == 4:
+            img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
+        if split_connected:
+            from nilearn.regions import connected_label_regions
+
+            img, label_names = connected_label_regions(
+                img, min_size=min_region_size,
+                labels=[table.get(i, f"label-{i}") for i in _labels_of(img)] if table
+                else None)
+            table = None
+            if label_names is not None:
+                table = dict(zip(_labels_of(img), label_names, strict=True))
+        same = img.shape[:3] == shape and np.allclose(img.affine, affine, atol=1e-3)
+        res = img if same else resample_to_img(img, target, interpolation="nearest",
+                                               force_resample=True, copy_header=True)
+        data = np.rint(np.asanyarray(res.dataobj)).astype(np.int32)
+        labels = _labels_of(img)  # every atlas label, present on this grid or not
+        if names is None:
+            names = [table.get(i, f"label-{i}") if table else f"label-{i}" for i in labels]
+        return Atlas("labels", data, labels, list(map(str, names)), affine, path)
+    if kind != "maps":
+        raise ValueError(f"kind must be auto, labels or maps, got {kind!r}")
+    same = img.shape[:3] == shape and np.allclose(img.affine, affine, atol=1e-3)
+    res = img if same else resample_to_img(img, target, interpolation="continuous",
+                                           force_resample=True, copy_header=True)
+    data = np.asanyarray(res.dataobj).astype(np.float64)
+    n = data.shape[3]
+    if names is None:
+        names = [table.get(i + 1, f"map-{i}") if table else f"map-{i}" for i in range(n)]
+    return Atlas("maps", data, list(range(n)), list(map(str, names)), affine, path)
+
+
+def _labels_of(img) -> list[int]:
+    values = np.unique(np.rint(np.asanyarray(img.dataobj)).astype(np.int64))
+    return [int(v) for v in values if v != 0]
+
+
+# ---------------------------------------------------------------------------- labels
+
+
+def _label_sums(block: np.ndarray, order: np.ndarray, starts: np.ndarray,
+                present: np.ndarray, n_regions: int) -> np.ndarray:
+    out = np.zeros((block.shape[0], n_regions), dtype=np.float64)
+    if present.size:
+        out[:, present] = np.add.reduceat(block[:, order], starts, axis=1)
+    return out
+
+
+def label_signals(matrix: xr.DataArray, atlas: Atlas) -> xr.DataArray:
+    """Mean signal of each atlas region, lazily: ``(time, voxel)`` -> ``(time, region)``.
+
+    Parameters
+    ----------
+    matrix : xarray.DataArray
+        Masked data from :func:`pipeline.masking.apply_mask` (raw or cleaned).
+    atlas : Atlas
+        A labels atlas on the same grid.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``(time, region)``, region names as coordinate ``region`` and label values as
+        ``label``; NaN columns for regions without voxels in the mask, and a ``n_voxels``
+        coordinate with each region's voxel count.
+    """
+    if atlas.kind != "labels":
+        raise ValueError("label_signals needs a labels atlas; use map_signals for maps")
+    vox_labels = atlas.data[matrix["i"].values, matrix["j"].values, matrix["k"].values]
+    col = {lab: n for n, lab in enumerate(atlas.labels)}
+    n_regions = len(atlas.labels)
+    region_idx = np.array([col.get(int(v), -1) for v in vox_labels])
+    data = matrix.data if isinstance(matrix.data, da.Array) else da.from_array(matrix.data)
+    pieces = []
+    edges = np.cumsum((0, *data.chunks[1]))
+    for c0, c1 in zip(edges[:-1], edges[1:], strict=True):
+        idx = region_idx[c0:c1]
+        keep = np.flatnonzero(idx >= 0)
+        if keep.size == 0:
+            continue
+        order = keep[np.argsort(idx[keep], kind="stable")]
+        sorted_idx = idx[order]
+        present, starts = np.unique(sorted_idx, return_index=True)
+        task = dask.delayed(_label_sums, pure=True)(data[:, c0:c1], order, starts, present,
+                                                    n_regions)
+        pieces.append(da.from_delayed(task, shape=(data.shape[0], n_regions),
+                                      dtype=np.float64))
+    counts = np.bincount(region_idx[region_idx >= 0], minlength=n_regions)
+    if pieces:
+        sums = da.stack(pieces).sum(axis=0)
+    else:
+        sums = da.zeros((data.shape[0], n_regions), dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / np.where(counts > 0, counts, np.nan)
+    return xr.DataArray(
+        means, dims=("time", "region"),
+        coords={"time": matrix["time"].values, "region": atlas.names,
+                "label": ("region", np.asarray(atlas.labels)),
+                "n_voxels": ("region", counts)},
+        attrs={k: v for k, v in matrix.attrs.items() if k == "repetition_time"},
+        name="region_signals")
+
+
+# ---------------------------------------------------------------------------- maps
+
+
+def _map_products(block: np.ndarray, maps_block: np.ndarray) -> np.ndarray:
+    # [M^T M | M^T Y^T] for one voxel block, stacked so that one reduction adds both
+    mtm = maps_block.T @ maps_block
+    mty = maps_block.T @ block.T
+    return np.concatenate([mtm, mty], axis=1)
+
+
+def map_signals(matrix: xr.DataArray, atlas: Atlas) -> xr.DataArray:
+    """Least-squares region signals of probabilistic maps (as ``NiftiMapsMasker``).
+
+    Solves ``maps @ signals.T = data`` over the voxels where any map is non-zero, from
+    ``M^T M`` and ``M^T Y`` accumulated over voxel blocks; identical to nilearn's
+    ``lstsq`` when the maps (restricted to the mask) are linearly independent. Regions
+    whose map has no non-zero voxel in the mask are NaN columns.
+    """
+    if atlas.kind != "maps":
+        raise ValueError("map_signals needs a maps atlas; use label_signals for labels")
+    maps = atlas.data[matrix["i"].values, matrix["j"].values, matrix["k"].values]  # (V, R)
+    n_regions = maps.shape[1]
+    present = np.flatnonzero(np.any(maps != 0, axis=0))
+    support = np.any(maps != 0, axis=1)
+    data = matrix.data if isinstance(matrix.data, da.Array) else da.from_array(matrix.data)
+    nt = data.shape[0]
+    pieces = []
+    edges = np.cumsum((0, *data.chunks[1]))
+    for c0, c1 in zip(edges[:-1], edges[1:], strict=True):
+        sel = np.flatnonzero(support[c0:c1])
+        if sel.size == 0:
+            continue
+        mblock = maps[c0:c1][sel][:, present]
+        task = dask.delayed(_map_products, pure=True)(data[:, c0:c1][:, sel], mblock)
+        pieces.append(da.from_delayed(task, shape=(present.size, present.size + nt),
+                                      dtype=np.float64))
+    if not pieces:
+        raise ValueError("no map has a non-zero voxel inside the mask")
+    total = da.stack(pieces).sum(axis=0)
+
+    def solve(products: np.ndarray) -> np.ndarray:
+        k = present.size
+        out = np.full((nt, n_regions), np.nan)
+        sol = np.linalg.lstsq(products[:, :k], products[:, k:], rcond=None)[0]
+        out[:, present] = sol.T
+        return out
+
+    signals = da.from_delayed(dask.delayed(solve, pure=True)(total), shape=(nt, n_regions),
+                              dtype=np.float64)
+    counts = np.count_nonzero(maps, axis=0)
+    return xr.DataArray(
+        signals, dims=("time", "region"),
+        coords={"time": matrix["time"].values, "region": atlas.names,
+                "label": ("region", np.asarray(atlas.labels)),
+                "n_voxels": ("region", counts)},
+        attrs={k: v for k, v in matrix.attrs.items() if k == "repetition_time"},
+        name="region_signals")
+
