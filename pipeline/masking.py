@@ -10,7 +10,7 @@ one block at a time.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import product
+from itertools import pairwise, product
 
 import dask
 import dask.array as da
@@ -98,7 +98,7 @@ def _mask_array(values: np.ndarray, affine: np.ndarray, template) -> xr.DataArra
 
 def _bounds(chunks: tuple[int, ...]) -> list[tuple[int, int]]:
     edges = np.cumsum((0, *chunks))
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return [(int(a), int(b)) for a, b in pairwise(edges)]
 
 
 def _extract(block: np.ndarray, sub_mask: np.ndarray, dtype) -> np.ndarray:

@@ -12,6 +12,7 @@ subject has the same columns, labelled by the atlas' region names.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -188,7 +189,7 @@ def label_signals(matrix: xr.DataArray, atlas: Atlas) -> xr.DataArray:
     data = matrix.data if isinstance(matrix.data, da.Array) else da.from_array(matrix.data)
     pieces = []
     edges = np.cumsum((0, *data.chunks[1]))
-    for c0, c1 in zip(edges[:-1], edges[1:], strict=True):
+    for c0, c1 in itertools.pairwise(edges):
         idx = region_idx[c0:c1]
         keep = np.flatnonzero(idx >= 0)
         if keep.size == 0:
@@ -244,7 +245,7 @@ def map_signals(matrix: xr.DataArray, atlas: Atlas) -> xr.DataArray:
     nt = data.shape[0]
     pieces = []
     edges = np.cumsum((0, *data.chunks[1]))
-    for c0, c1 in zip(edges[:-1], edges[1:], strict=True):
+    for c0, c1 in itertools.pairwise(edges):
         sel = np.flatnonzero(support[c0:c1])
         if sel.size == 0:
             continue

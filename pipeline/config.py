@@ -1,0 +1,213 @@
+"""The job configuration: one pydantic schema for YAML files, the CLI and Python.
+
+Unknown keys are errors, reported with their key path (``clean.hihg_pass: unknown key``),
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from storage import BoldflowError
+
+__all__ = ["CleanConfig", "ClusterConfig", "ConfigError", "ConnectivityConfig",
+           "ExportConfig", "JobConfig", "MaskConfig", "ParcellateConfig", "SeedConfig",
+           "load_config"]
+
+Strategy = Literal["simple", "scrubbing", "compcor", "ica_aroma", "yeo2011", "24p", "36p",
+                   "none"]
+Kind = Literal["correlation", "partial correlation", "covariance", "precision", "tangent",
+               "pearson"]
+PositiveHz = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(BoldflowError, ValueError):
+    """The job configuration is invalid; the message lists every problem by key path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CleanConfig(_Section):
+    """Confound-regression cleaning (``nilearn.signal.clean`` semantics)."""
+
+    strategy: Strategy = "simple"
+    dummy_scans: int = Field(0, ge=0)
+    detrend: bool = True
+    standardize: Literal["zscore_sample", "psc", "none"] | None = "zscore_sample"
+    high_pass: PositiveHz | None = 0.009
+    low_pass: PositiveHz | None = 0.08
+    fd_threshold: float = Field(0.5, gt=0)
+    std_dvars_threshold: float = Field(1.5, gt=0)
+    scrub: int = Field(5, ge=0)
+    standardize_confounds: bool = True
+    filter: Literal["butterworth", "cosine"] = "butterworth"
+    level: Literal["region", "voxel"] = "region"
+
+    @model_validator(mode="after")
+    def _band(self) -> CleanConfig:
+        if self.high_pass is not None and self.low_pass is not None \
+                and self.high_pass >= self.low_pass:
+            raise ValueError(f"high_pass ({self.high_pass}) must be below low_pass "
+                             f"({self.low_pass})")
+        return self
+
+
+class MaskConfig(_Section):
+    """Which brain mask selects the voxels."""
+
+    strategy: Literal["run", "epi", "group"] = "run"
+    group_threshold: float = Field(0.5, ge=0, le=1)
+
+
+class ParcellateConfig(_Section):
+    """Atlas for region signals."""
+
+    atlas: str
+    name: str = Field(pattern=r"^[A-Za-z0-9]+$")
+    kind: Literal["auto", "labels", "maps"] = "auto"
+    split_connected: bool = False
+
+
+class ConnectivityConfig(_Section):
+    """Per-subject matrices and the group comparison."""
+
+    kinds: list[Kind] = Field(default_factory=lambda: ["correlation"], min_length=1)
+    groups: str | None = None
+    participants: str | None = None
+    test: Literal["welch", "permutation"] = "welch"
+    n_permutations: int = Field(5000, ge=100)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    seed: int = 0
+
+
+class SeedConfig(_Section):
+    """A seed for seed-to-voxel correlation maps: a sphere or an atlas region."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9]+$")
+    coords: tuple[float, float, float] | None = None
+    radius: float = Field(6.0, gt=0)
+    region: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> SeedConfig:
+        if (self.coords is None) == (self.region is None):
+            raise ValueError("give exactly one of coords (mm) or region (atlas region name)")
+        return self
+
+
+class ClusterConfig(_Section):
+    """Where to compute: an existing scheduler, or a LocalCluster."""
+
+    address: str | None = None
+    n_workers: int | None = Field(None, ge=1)
+    memory_limit: str | None = None
+
+
+class ExportConfig(_Section):
+    """Optional exports."""
+
+    cleaned_bold: bool = False
+
+
+class JobConfig(_Section):
+    """A boldflow job.
+
+    ``input`` is a derivatives folder/URL (ingested into ``store`` first) or an existing
+    boldflow store; ``output`` receives BIDS-derivative-style files.
+    """
+
+    input: str
+    output: str
+    store: str | None = None
+    task: str | None = None
+    subjects: list[str] | None = None
+    sessions: list[str] | None = None
+    runs: list[str] | None = None
+    space: str | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    clean: CleanConfig | None = Field(default_factory=CleanConfig)
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+    parcellate: ParcellateConfig | None = None
+    connectivity: ConnectivityConfig | None = None
+    seeds: list[SeedConfig] = Field(default_factory=list)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("subjects", "sessions", "runs", mode="before")
+    @classmethod
+    def _listify(cls, v):
+        if v is None:
+            return None
+        return [str(x) for x in (v if isinstance(v, list | tuple) else [v])]
+
+    @model_validator(mode="after")
+    def _needs(self) -> JobConfig:
+        if self.connectivity is not None and self.parcellate is None:
+            raise ValueError("connectivity needs a parcellate section (region signals)")
+        if any(s.region for s in self.seeds) and self.parcellate is None:
+            raise ValueError("a seed given by region needs a parcellate section")
+        return self
+
+    def resolve_paths(self, base: Path) -> JobConfig:
+        """Relative local paths resolved against ``base`` (the YAML file's folder)."""
+        def fix(p: str | None) -> str | None:
+            if p is None or "://" in p or os.path.isabs(p):
+                return p
+            return str((base / p).resolve())
+
+        update: dict[str, Any] = {"input": fix(self.input), "output": fix(self.output),
+                                  "store": fix(self.store)}
+        if self.parcellate:
+            update["parcellate"] = self.parcellate.model_copy(
+                update={"atlas": fix(self.parcellate.atlas)})
+        if self.connectivity and self.connectivity.participants:
+            update["connectivity"] = self.connectivity.model_copy(
+                update={"participants": fix(self.connectivity.participants)})
+        return self.model_copy(update=update)
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{path}: {msg}")
+    return "; ".join(lines)
+
+
+def load_config(source: str | os.PathLike | dict) -> JobConfig:
+    """Validate a job from a YAML file path or a dict.
+
+    Raises
+    ------
+    ConfigError
+        Listing each invalid or unknown key by its path.
+    """
+    base = Path.cwd()
+    where = "job"
+    if isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        where = str(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e})") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from e
+        base = path.resolve().parent
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: a job is a mapping of keys (input, output, clean, ...)")
+    try:
+        cfg = JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {_format(e)}") from None
+    return cfg.resolve_paths(base)

@@ -1,0 +1,727 @@
+"""Running a job: ingest -> per-run graphs (mask, clean, parcellate) -> group connectivity.
+
+:class:`Pipeline` turns a validated :class:`~pipeline.config.JobConfig` into work on a
+Dask cluster. :meth:`Pipeline.submit` returns a :class:`Job` at once: a handle with the
+dashboard link, one future per run, progress, ``result()`` and ``cancel()``. A driver
+thread in the client process does the orchestration:
+
+1. ingest the input (unless it already is a boldflow store);
+2. for each selected run, build one lazy graph (mask -> clean -> region signals, and seed
+   maps) and compute it on the cluster; at most a few runs are in flight at a time, so
+   the scheduler holds compact graphs whatever the number of runs;
+3. as each run finishes, write its outputs (region time series, connectivity matrices,
+   a JSON sidecar with a provenance hash); a run that fails is recorded with its stage and
+   error and the others go on; a run whose outputs exist with the same provenance hash is
+   not recomputed;
+4. group step: stacked matrices (Zarr), group means, and the two-group comparison.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+import storage
+
+from .config import JobConfig, load_config
+
+__all__ = ["Job", "JobResult", "Pipeline", "run_prefix"]
+
+log = logging.getLogger(__name__)
+
+STAT_NAMES = {"pearson": "pearsoncorrelation", "correlation": "correlation",
+              "partial correlation": "partialcorrelation", "covariance": "covariance",
+              "precision": "precision", "tangent": "tangent"}
+_ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space",
+                 "res", "den")
+
+
+def run_prefix(entities: dict) -> str:
+    """BIDS file-name prefix of a run's outputs (``sub-01_ses-1_task-rest_run-1_space-X``)."""
+    keys = [k for k in _ENTITY_ORDER if entities.get(k)]
+    keys += sorted(k for k in entities if k not in _ENTITY_ORDER and entities.get(k))
+    return "_".join(f"{k}-{entities[k]}" for k in keys)
+
+
+def _run_dir(entities: dict) -> str:
+    parts = [f"sub-{entities['sub']}"]
+    if entities.get("ses"):
+        parts.append(f"ses-{entities['ses']}")
+    return "/".join([*parts, "func"])
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def _write_text(url: str, text: str, options: dict) -> None:
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.partial"
+    with fs.open(tmp, "w") as f:
+        f.write(text)
+    fs.mv(tmp, path)  # readers never see half a file
+
+
+def _read_text(url: str, options: dict) -> str | None:
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return f.read()
+
+
+def _versions() -> dict[str, str]:
+    import nilearn
+    import scipy
+
+    return {"boldflow": storage.__version__, "nilearn": nilearn.__version__,
+            "numpy": np.__version__, "scipy": scipy.__version__}
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_sha(path: str) -> str:
+    fs, p = fsspec.core.url_to_fs(path)
+    h = hashlib.sha256()
+    with fs.open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_store(url: str, options: dict) -> bool:
+    try:
+        storage.open_store(url, storage_options=options)
+    except (storage.StoreError, OSError, ValueError):
+        return False
+    return True
+
+
+@dataclass
+class JobResult:
+    """What a finished job produced.
+
+    Attributes
+    ----------
+    runs : pandas.DataFrame
+        One row per run: entities, ``status`` ("complete", "skipped" (outputs up to date),
+        "failed"), ``stage`` and ``error`` for failures, ``seconds``, ``outputs``.
+    comparisons : dict
+        Per connectivity kind, the :class:`pipeline.connectivity.GroupComparison`.
+    matrices : dict
+        Per kind, the stacked ``(subject, region, region_)`` matrices.
+    output : str
+        The output folder.
+    """
+
+    runs: pd.DataFrame
+    comparisons: dict = field(default_factory=dict)
+    matrices: dict = field(default_factory=dict)
+    output: str = ""
+    group_outputs: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> pd.DataFrame:
+        """The failed runs: file, stage and error."""
+        return self.runs[self.runs["status"] == "failed"].reset_index(drop=True)
+
+
+class Job:
+    """Handle of a submitted job (returned by :meth:`Pipeline.submit`).
+
+    Attributes
+    ----------
+    dashboard_link : str
+        The Dask dashboard of the cluster running the job.
+    futures : dict
+        ``run_id -> distributed.Future`` of the per-run graphs submitted so far.
+    """
+
+    def __init__(self, pipeline: Pipeline, client, owns_cluster: Any) -> None:
+        self.pipeline = pipeline
+        self.client = client
+        self._owned = owns_cluster
+        self.futures: dict[str, Any] = {}
+        self.dashboard_link = getattr(client, "dashboard_link", "")
+        self._cancelled = threading.Event()
+        self._result: JobResult | None = None
+        self._error: BaseException | None = None
+        self._status: dict[str, str] = {}
+        self._thread = threading.Thread(target=self._drive, name="boldflow-job", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public handle
+
+    def done(self) -> bool:
+        """Whether the job has finished (successfully or not)."""
+        return not self._thread.is_alive()
+
+    def result(self, timeout: float | None = None) -> JobResult:
+        """Wait for the job and return its :class:`JobResult` (re-raises job-level errors)."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"job still running after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop submitting runs and cancel the ones in flight."""
+        self._cancelled.set()
+        with contextlib.suppress(Exception):
+            self.client.cancel(list(self.futures.values()))
+
+    def status(self) -> dict[str, str]:
+        """``run_id -> state`` ("pending", "running", "complete", "skipped", "failed")."""
+        return dict(self._status)
+
+    def progress(self, notebook: bool | None = None) -> None:
+        """Show distributed's progress bar of the submitted runs (blocks in a terminal)."""
+        from distributed import progress
+
+        progress(list(self.futures.values()), notebook=notebook)
+
+    def __repr__(self) -> str:
+        counts = pd.Series(list(self._status.values()), dtype=object).value_counts().to_dict()
+        return f"<boldflow Job {self.pipeline.config.output}: {counts} {self.dashboard_link}>"
+
+    # ------------------------------------------------------------------ driver
+
+    def _drive(self) -> None:
+        try:
+            self._result = self.pipeline._execute(self)
+        except BaseException as e:
+            self._error = e
+        finally:
+            if self._owned is not None:
+                with contextlib.suppress(Exception):
+                    self.client.close()
+                    self._owned.close()
+
+
+class Pipeline:
+    """A configured boldflow job.
+
+    Examples
+    --------
+    >>> job = Pipeline.from_yaml("job.yaml").submit()  # doctest: +SKIP
+    >>> print(job.dashboard_link)  # doctest: +SKIP
+    >>> result = job.result()  # doctest: +SKIP
+    >>> result.failures  # doctest: +SKIP
+    """
+
+    def __init__(self, config: JobConfig | dict) -> None:
+        self.config = config if isinstance(config, JobConfig) else load_config(config)
+        self.echo = print
+        self._warm = False
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> Pipeline:
+        """Load and validate a YAML job file."""
+        return cls(load_config(path))
+
+    def submit(self, client=None, *, echo=None) -> Job:
+        """Start the job on ``client`` (default: the config's cluster, else a LocalCluster).
+
+        Returns at once with a :class:`Job`; the dashboard link is printed.
+        """
+        if echo is not None:
+            self.echo = echo
+        owned = None
+        if client is None:
+            from distributed import Client, LocalCluster
+
+            from .cluster import default_local_cluster_kwargs
+
+            cfg = self.config.cluster
+            if cfg.address:
+                client = Client(cfg.address)
+                owned = _NullCluster()
+            else:
+                owned = LocalCluster(**default_local_cluster_kwargs(cfg.n_workers,
+                                                                    cfg.memory_limit))
+                client = Client(owned)
+        self.echo(f"Dask dashboard: {client.dashboard_link}")
+        return Job(self, client, owned)
+
+    def run(self, client=None) -> JobResult:
+        """``submit(client).result()``."""
+        return self.submit(client).result()
+
+    # ------------------------------------------------------------------ execution
+
+    def _execute(self, job: Job) -> JobResult:
+        cfg = self.config
+        opts = dict(cfg.storage_options)
+        rows: list[dict] = []
+        store = cfg.input
+        if not _is_store(cfg.input, opts):
+            store = cfg.store or _join(cfg.output, "boldflow.zarr")
+            self.echo(f"ingesting {storage.stores.redact_url(cfg.input)} -> {store}")
+            catalog = storage.ingest(
+                cfg.input, store, client=job.client, storage_options=opts,
+                source_options=opts, subjects=cfg.subjects, sessions=cfg.sessions,
+                tasks=cfg.task, runs=cfg.runs, spaces=cfg.space)
+            for _, r in catalog[catalog["status"] == "failed"].iterrows():
+                rows.append(self._row(dict(sub=r["sub"], ses=r["ses"], task=r["task"],
+                                           run=r["run"], space=r["space"]), r["run_id"],
+                                      "failed", stage="ingest", error=r["error"]))
+        bs = storage.open_store(store, storage_options=opts)
+        selected = self._select(bs.runs())
+        for run_id in selected["run_id"]:
+            job._status[run_id] = "pending"
+        self.echo(f"{len(selected)} run(s) selected from {bs.ref}")
+        context = _Context(self, bs)
+        results: dict[str, xr.DataArray] = {}
+        in_flight: dict[Any, tuple[str, dict, float, dict]] = {}
+        max_in_flight = max(2, 2 * len(job.client.scheduler_info().get("workers", {})))
+        pending = list(selected.itertuples(index=False))
+
+        from distributed import as_completed
+
+        ac = as_completed()
+
+        def launch(row) -> None:
+            run_id, group = row.run_id, row.group
+            t0 = time.perf_counter()
+            ents: dict = {}
+            try:
+                ents = dict(bs.open_group(group, chunks=None).attrs["entities"])
+                prov = context.provenance(group)
+                cached = context.cached(ents, prov)
+                if cached is not None:
+                    results[run_id] = cached
+                    rows.append(self._row(ents, run_id, "skipped",
+                                          seconds=time.perf_counter() - t0))
+                    job._status[run_id] = "skipped"
+                    return
+                graph, stage = context.build(group)
+                import dask
+
+                fut = job.client.compute(dask.delayed(graph))
+                job.futures[run_id] = fut
+                in_flight[fut] = (run_id, ents, t0, {"prov": prov, "stage": stage})
+                job._status[run_id] = "running"
+                ac.add(fut)
+            except Exception as e:
+                rows.append(self._row(ents or {"sub": row.sub, "task": row.task}, run_id,
+                                      "failed", stage="build", error=_msg(e, row.bold),
+                                      seconds=time.perf_counter() - t0))
+                job._status[run_id] = "failed"
+
+        while pending and len(in_flight) < max_in_flight and not job._cancelled.is_set():
+            launch(pending.pop(0))
+        while in_flight:
+            fut = next(ac)
+            run_id, ents, t0, info = in_flight.pop(fut)
+            try:
+                computed = fut.result()
+                outputs = context.write_run(ents, computed, info["prov"])
+                results[run_id] = computed["signals"]
+                rows.append(self._row(ents, run_id, "complete", outputs=outputs,
+                                      seconds=time.perf_counter() - t0))
+                job._status[run_id] = "complete"
+            except Exception as e:
+                rows.append(self._row(ents, run_id, "failed", stage=info["stage"],
+                                      error=_msg(e, run_id),
+                                      seconds=time.perf_counter() - t0))
+                job._status[run_id] = "failed"
+            finally:
+                with contextlib.suppress(Exception):
+                    fut.release()
+            while pending and len(in_flight) < max_in_flight and not job._cancelled.is_set():
+                launch(pending.pop(0))
+        if job._cancelled.is_set():
+            for row in pending:
+                rows.append(self._row({"sub": row.sub, "task": row.task}, row.run_id,
+                                      "failed", stage="cancelled", error="job cancelled"))
+        runs = pd.DataFrame(rows)
+        result = JobResult(runs=runs, output=cfg.output)
+        if cfg.connectivity is not None and results:
+            context.group_step(results, result)
+        report = _join(cfg.output, "boldflow_runs.tsv")
+        _write_text(report, runs.to_csv(sep="\t", index=False, na_rep="n/a"), opts)
+        n_failed = int((runs["status"] == "failed").sum()) if len(runs) else 0
+        self.echo(f"{len(runs) - n_failed} run(s) done, {n_failed} failed; report: {report}")
+        return result
+
+    def _select(self, runs: pd.DataFrame) -> pd.DataFrame:
+        cfg = self.config
+        sel = runs
+        for key, wanted in (("sub", cfg.subjects), ("ses", cfg.sessions), ("run", cfg.runs)):
+            if wanted:
+                wanted = [str(w).removeprefix(f"{key}-") for w in wanted]
+                sel = sel[sel[key].astype(str).isin(wanted)]
+        if cfg.task:
+            sel = sel[sel["task"] == cfg.task]
+        if cfg.space:
+            sel = sel[sel["space"] == cfg.space]
+        return sel.reset_index(drop=True)
+
+    @staticmethod
+    def _row(ents: dict, run_id: str, status: str, *, stage: str | None = None,
+             error: str | None = None, seconds: float = 0.0, outputs=None) -> dict:
+        return {"run_id": run_id, **{k: ents.get(k) for k in ("sub", "ses", "task", "run",
+                                                              "space")},
+                "status": status, "stage": stage, "error": error,
+                "seconds": round(float(seconds), 2),
+                "outputs": ";".join(outputs) if outputs else None}
+
+
+class _NullCluster:
+    def close(self) -> None:
+        pass
+
+
+def _msg(e: BaseException, where: str) -> str:
+    text = str(e)
+    if where and where not in text:
+        text = f"{where}: {type(e).__name__}: {text}"
+    log.debug("%s", traceback.format_exc())
+    return text
+
+
+class _Context:
+    """Per-job state shared by the runs: atlas cache, group mask, provenance."""
+
+    def __init__(self, pipeline: Pipeline, bs) -> None:
+        self.pipeline = pipeline
+        self.cfg = pipeline.config
+        self.bs = bs
+        self.opts = dict(self.cfg.storage_options)
+        self._atlases: dict = {}
+        self._group_mask = None
+        self._atlas_sha = _file_sha(self.cfg.parcellate.atlas) if self.cfg.parcellate else None
+
+    # ----------------------------------------------------------- provenance / cache
+
+    def provenance(self, group: str) -> str:
+        attrs = self.bs.open_group(group, chunks=None).attrs
+        cfg = self.cfg
+        payload = {
+            "run": attrs.get("boldflow_fingerprint"),
+            "clean": cfg.clean.model_dump() if cfg.clean else None,
+            "mask": cfg.mask.model_dump(),
+            "parcellate": cfg.parcellate.model_dump(exclude={"atlas"}) if cfg.parcellate
+            else None,
+            "atlas": self._atlas_sha,
+            "kinds": cfg.connectivity.kinds if cfg.connectivity else None,
+            "seeds": [s.model_dump() for s in cfg.seeds],
+            "versions": _versions(),
+        }
+        if cfg.mask.strategy == "group":
+            payload["group_mask"] = hashlib.sha256(
+                np.packbits(self.group_mask()).tobytes()).hexdigest()
+        return _sha(payload)
+
+    def _paths(self, ents: dict) -> dict[str, str]:
+        base = _join(self.cfg.output, _run_dir(ents))
+        prefix = run_prefix(ents)
+        name = self.cfg.parcellate.name if self.cfg.parcellate else None
+        out = {"sidecar": _join(base, f"{prefix}_desc-boldflow_provenance.json")}
+        if name:
+            out["timeseries"] = _join(base, f"{prefix}_seg-{name}_stat-mean_timeseries.tsv")
+            out["relmat"] = _join(base, f"{prefix}_seg-{name}_stat-{{stat}}_relmat.tsv")
+        return out
+
+    def cached(self, ents: dict, prov: str) -> xr.DataArray | None:
+        """Region signals from outputs written by an earlier run with the same provenance."""
+        paths = self._paths(ents)
+        text = _read_text(paths["sidecar"], self.opts)
+        if text is None or json.loads(text).get("provenance") != prov:
+            return None
+        if "timeseries" not in paths:
+            return xr.DataArray(np.zeros((0, 0)), dims=("time", "region"))
+        ts = _read_text(paths["timeseries"], self.opts)
+        if ts is None:
+            return None
+        from io import StringIO
+
+        frame = pd.read_csv(StringIO(ts), sep="\t", na_values="n/a")
+        return xr.DataArray(frame.to_numpy(float), dims=("time", "region"),
+                            coords={"region": list(frame.columns)}, name="region_signals")
+
+    # ----------------------------------------------------------- graph of one run
+
+    def group_mask(self) -> np.ndarray:
+        if self._group_mask is None:
+            from .masking import intersect_masks
+
+            masks = [self.bs.open_group(g)["mask"].values for g in self.bs.runs()["group"]]
+            first = self.bs.open_group(self.bs.runs()["group"].iloc[0])
+            self._group_mask = intersect_masks(
+                masks, threshold=self.cfg.mask.group_threshold,
+                affine=first.attrs["affine"]).values
+        return self._group_mask
+
+    def _mask(self, ds: xr.Dataset):
+        strategy = self.cfg.mask.strategy
+        if strategy == "run":
+            return ds["mask"].values
+        if strategy == "epi":
+            from .masking import compute_epi_mask
+
+            return compute_epi_mask(ds).values
+        return self.group_mask()
+
+    def atlas(self, ds: xr.Dataset):
+        from .parcellation import load_atlas
+
+        key = (tuple(ds.sizes[d] for d in ("x", "y", "z")),
+               np.asarray(ds.attrs["affine"]).round(4).tobytes())
+        if key not in self._atlases:
+            p = self.cfg.parcellate
+            self._atlases[key] = load_atlas(p.atlas, reference=ds, kind=p.kind,
+                                            split_connected=p.split_connected)
+        return self._atlases[key]
+
+    def _confounds(self, ds: xr.Dataset):
+        from .strategies import strategy_confounds
+
+        c = self.cfg.clean
+        conf = ds["confounds"]
+        frame = pd.DataFrame(conf.values, columns=[str(v) for v in conf["confound"].values])
+        overrides = {}
+        if c.strategy == "scrubbing":
+            overrides = {"fd_threshold": c.fd_threshold,
+                         "std_dvars_threshold": c.std_dvars_threshold, "scrub": c.scrub}
+        source = ds.attrs.get("sources", {}).get("confounds") or ds.attrs.get("run_id", "")
+        selected, sample_mask = strategy_confounds(
+            frame, strategy=c.strategy, metadata=conf.attrs.get("metadata") or None,
+            source=str(source), **overrides)
+        return (None if selected is None or selected.shape[1] == 0
+                else selected.to_numpy(float)), sample_mask
+
+    def _clean_kwargs(self, ds: xr.Dataset) -> dict:
+        c = self.cfg.clean
+        confounds, sample_mask = self._confounds(ds)
+        return {"detrend": c.detrend,
+                "standardize": None if c.standardize in (None, "none") else c.standardize,
+                "confounds": confounds, "sample_mask": sample_mask,
+                "standardize_confounds": c.standardize_confounds, "filter": c.filter,
+                "low_pass": c.low_pass, "high_pass": c.high_pass,
+                "t_r": float(ds.attrs["repetition_time"])}
+
+    def build(self, group: str) -> tuple[dict, str]:
+        """The lazy graph of one run: ``{"signals": (time, region), "seeds": {...}}``."""
+        from .masking import apply_mask
+        from .parcellation import label_signals, map_signals
+        from .signal import clean_signals
+
+        cfg = self.cfg
+        stage = "open"
+        ds = self.bs.open_group(group)
+        if cfg.clean and cfg.clean.dummy_scans:
+            ds = ds.isel(time=slice(cfg.clean.dummy_scans, None))
+        stage = "mask"
+        matrix = apply_mask(ds, self._mask(ds))
+        out: dict[str, Any] = {}
+        kwargs = None
+        time_out = matrix["time"].values
+        if cfg.clean:
+            stage = "confounds"
+            kwargs = self._clean_kwargs(ds)
+            if kwargs["sample_mask"] is not None:
+                time_out = time_out[np.asarray(kwargs["sample_mask"])]
+        cleaned_voxels = None
+        need_voxels = bool(cfg.seeds) or (cfg.clean and cfg.clean.level == "voxel")
+        if cfg.clean and need_voxels:
+            stage = "clean"
+            data = clean_signals(matrix.data, **kwargs)
+            cleaned_voxels = matrix.isel(time=slice(0, data.shape[0])).copy(data=data)
+            cleaned_voxels = cleaned_voxels.assign_coords(time=time_out)
+        if cfg.parcellate:
+            stage = "parcellate"
+            atlas = self.atlas(ds)
+            extract = label_signals if atlas.kind == "labels" else map_signals
+            if cleaned_voxels is not None and cfg.clean.level == "voxel":
+                signals = extract(cleaned_voxels, atlas)
+            else:
+                raw = extract(matrix, atlas)
+                signals = raw if not cfg.clean else _clean_regions(raw, kwargs, time_out)
+            out["signals"] = signals
+        if cfg.seeds:
+            stage = "seeds"
+            out["seeds"] = {s.name: self._seed_map(s, ds, cleaned_voxels if cfg.clean
+                                                   else matrix) for s in cfg.seeds}
+        return out, stage
+
+    def _seed_map(self, seed, ds, voxels: xr.DataArray) -> xr.DataArray:
+        from .seeds import seed_correlation
+
+        if seed.coords is not None:
+            return seed_correlation(voxels, coords=seed.coords, radius=seed.radius)
+        atlas = self.atlas(ds)
+        if seed.region not in atlas.names:
+            raise ValueError(f"seed region {seed.region!r} is not in the atlas")
+        label = atlas.labels[atlas.names.index(seed.region)]
+        return seed_correlation(voxels, region_mask=atlas.data == label)
+
+    # ----------------------------------------------------------- outputs
+
+    def write_run(self, ents: dict, computed: dict, prov: str) -> list[str]:
+        from .connectivity import connectivity
+
+        paths = self._paths(ents)
+        written = []
+        if "signals" in computed:
+            sig = computed["signals"]
+            frame = pd.DataFrame(np.asarray(sig.transpose("time", "region").values),
+                                 columns=[str(r) for r in sig["region"].values])
+            _write_text(paths["timeseries"], frame.to_csv(sep="\t", index=False,
+                                                          na_rep="n/a"), self.opts)
+            written.append(paths["timeseries"])
+            kinds = ["pearson"]
+            if self.cfg.connectivity:
+                kinds += [k for k in self.cfg.connectivity.kinds
+                          if k not in ("pearson", "tangent")]
+            for kind in kinds:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # empty regions: NaN
+                    mat = connectivity(sig, kind)
+                names = [str(r) for r in mat["region"].values]
+                table = pd.DataFrame(mat.values, index=names, columns=names)
+                table.index.name = "Node"
+                url = paths["relmat"].format(stat=STAT_NAMES[kind])
+                _write_text(url, table.to_csv(sep="\t", na_rep="n/a"), self.opts)
+                written.append(url)
+        for name, smap in computed.get("seeds", {}).items():
+            from .masking import unmask
+
+            url = _join(self.cfg.output, _run_dir(ents),
+                        f"{run_prefix(ents)}_seed-{name}_stat-pearsoncorrelation_boldmap"
+                        ".nii.gz")
+            storage.to_nifti(unmask(smap), url, storage_options=self.opts)
+            written.append(url)
+        sidecar = {"provenance": prov, "entities": ents, "versions": _versions(),
+                   "config": self.cfg.model_dump(exclude={"storage_options"}),
+                   "outputs": [os.path.basename(w) for w in written]}
+        _write_text(paths["sidecar"], json.dumps(sidecar, indent=2, default=str), self.opts)
+        return written
+
+    def _participants(self) -> pd.DataFrame | None:
+        conn = self.cfg.connectivity
+        url = conn.participants or _join(self.cfg.input, "participants.tsv")
+        text = _read_text(url, self.opts)
+        if text is None:
+            if conn.groups:
+                raise storage.InputError(url, "participants table not found; needed for "
+                                              f"groups={conn.groups!r}")
+            return None
+        from io import StringIO
+
+        table = pd.read_csv(StringIO(text), sep="\t", dtype=str)
+        if conn.groups and conn.groups not in table:
+            raise storage.InputError(url, f"has no column {conn.groups!r} (columns: "
+                                          f"{list(table.columns)})")
+        return table
+
+    def group_step(self, results: dict[str, xr.DataArray], result: JobResult) -> None:
+        from .connectivity import compare_groups, group_connectivity, group_mean
+
+        conn = self.cfg.connectivity
+        runs = result.runs.set_index("run_id")
+        ok = [r for r in results if r in runs.index]
+        subjects = [run_id for run_id in ok]
+        signals = [results[r] for r in ok]
+        metadata = self._participants()
+        meta = None
+        if metadata is not None:
+            by_sub = metadata.set_index(metadata.columns[0])
+            rows = []
+            for r in ok:
+                sub = f"sub-{runs.loc[r, 'sub']}"
+                row = by_sub.loc[sub].to_dict() if sub in by_sub.index else {}
+                rows.append({"participant_id": r, **row})
+            meta = pd.DataFrame(rows)
+        group_dir = _join(self.cfg.output, "group")
+        name = self.cfg.parcellate.name
+        for kind in dict.fromkeys([*conn.kinds]):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                mats = group_connectivity(signals, kind, subjects=subjects, metadata=meta)
+            result.matrices[kind] = mats
+            stat = STAT_NAMES[kind]
+            store_url = _join(group_dir, f"seg-{name}_stat-{stat}_relmats.zarr")
+            ds = mats.to_dataset(name="relmat")
+            for c in ds.coords:
+                if ds[c].dtype == object:
+                    ds[c] = ds[c].astype(str)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds.to_zarr(store_url, mode="w", zarr_format=3, consolidated=False,
+                           storage_options=self.opts or None)
+            result.group_outputs.append(store_url)
+            if conn.groups:
+                means = group_mean(mats, conn.groups)
+                for g in means["group"].values:
+                    names = [str(r) for r in means["region"].values]
+                    table = pd.DataFrame(means.sel(group=g).values, index=names, columns=names)
+                    table.index.name = "Node"
+                    url = _join(group_dir, f"seg-{name}_stat-{stat}_desc-{_label(g)}mean"
+                                           "_relmat.tsv")
+                    _write_text(url, table.to_csv(sep="\t", na_rep="n/a"), self.opts)
+                    result.group_outputs.append(url)
+                cmp = compare_groups(mats, conn.groups, test=conn.test,
+                                     n_permutations=conn.n_permutations, alpha=conn.alpha,
+                                     random_state=conn.seed)
+                result.comparisons[kind] = cmp
+                g1, g2 = (_label(g) for g in cmp.groups)
+                url = _join(group_dir, f"seg-{name}_stat-{stat}_desc-{g2}vs{g1}_edges.tsv")
+                _write_text(url, cmp.edges.to_csv(sep="\t", index=False, na_rep="n/a"),
+                            self.opts)
+                result.group_outputs.append(url)
+                for what in ("statistic", "p_fdr"):
+                    arr = getattr(cmp, what)
+                    names = [str(r) for r in arr["region"].values]
+                    table = pd.DataFrame(arr.values, index=names, columns=names)
+                    table.index.name = "Node"
+                    url = _join(group_dir, f"seg-{name}_stat-{stat}_desc-{g2}vs{g1}"
+                                           f"{what.replace('_', '')}_relmat.tsv")
+                    _write_text(url, table.to_csv(sep="\t", na_rep="n/a"), self.opts)
+                    result.group_outputs.append(url)
+
+
+def _label(value: Any) -> str:
+    return "".join(ch for ch in str(value) if ch.isalnum()) or "group"
+
+
+def _clean_regions(raw: xr.DataArray, kwargs: dict, time_out: np.ndarray) -> xr.DataArray:
+    """NiftiLabelsMasker order: average raw voxels, then clean the region signals."""
+    import dask
+
+    from .signal import clean_signals
+
+    def clean(values: np.ndarray) -> np.ndarray:
+        out = np.full((len(time_out), values.shape[1]), np.nan)
+        valid = np.flatnonzero(np.all(np.isfinite(values), axis=0))
+        if valid.size:
+            out[:, valid] = clean_signals(values[:, valid], **kwargs)
+        return out
+
+    import dask.array as da
+
+    task = dask.delayed(clean, pure=True)(raw.data)
+    data = da.from_delayed(task, shape=(len(time_out), raw.shape[1]), dtype=np.float64)
+    return xr.DataArray(data, dims=raw.dims,
+                        coords={**{k: v for k, v in raw.coords.items() if k != "time"},
+                                "time": time_out},
+                        attrs=raw.attrs, name=raw.name)
