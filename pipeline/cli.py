@@ -51,7 +51,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("boldflow-demo"), show_default=True,
               help="Folder for the simulated dataset and the store.")
-@click.option("--subjects", default=8, show_default=True, help="Simulated subjects.")
+@click.option("--subjects", default=16, show_default=True, help="Simulated subjects.")
 @click.option("--volumes", default=150, show_default=True, help="Volumes per run.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workers", default=None, type=int, help="Local Dask workers (default: cores).")
@@ -105,6 +105,41 @@ def ingest(source: str, store: str, workers, memory_limit, scheduler, subjects, 
     if len(failed):
         for err in failed["error"]:
             click.echo(f"error: {err}", err=True)
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.argument("job_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler "
+              "(overrides cluster.address).")
+@click.option("--dry-run", is_flag=True, help="Validate the job file and print it; run nothing.")
+def run(job_file: Path, scheduler: str | None, dry_run: bool) -> None:
+    """Run the job described in JOB_FILE (YAML): ingest, clean, parcellate, connectivity."""
+    import yaml
+
+    from .config import load_config
+    from .jobs import Pipeline
+
+    cfg = load_config(job_file)
+    if scheduler:
+        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(
+            update={"address": scheduler})})
+    if dry_run:
+        click.echo(yaml.safe_dump(cfg.model_dump(mode="json", exclude={"storage_options"}),
+                                  sort_keys=False))
+        return
+    job = Pipeline(cfg).submit(echo=click.echo)
+    if sys.stderr.isatty():
+        job.progress(notebook=False)
+    result = job.result()
+    for kind, cmp in result.comparisons.items():
+        n_sig = int(cmp.edges["significant"].sum())
+        click.echo(f"{kind}: {n_sig} edge(s) differ between {cmp.groups[1]} and "
+                   f"{cmp.groups[0]} (FDR q < {cmp.alpha})")
+    failed = result.failures
+    for _, row in failed.iterrows():
+        click.echo(f"error: {row['run_id']} [{row['stage']}]: {row['error']}", err=True)
+    if len(failed):
         raise SystemExit(1)
 
 
