@@ -129,6 +129,10 @@ class JobResult:
         Per kind, the stacked ``(subject, region, region_)`` matrices.
     output : str
         The output folder.
+    group_outputs : list of str
+        Files of the group step.
+    group_errors : list of str
+        Why the group step (or part of it) failed, e.g. a group with a single subject.
     """
 
     runs: pd.DataFrame
@@ -136,6 +140,7 @@ class JobResult:
     matrices: dict = field(default_factory=dict)
     output: str = ""
     group_outputs: list[str] = field(default_factory=list)
+    group_errors: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> pd.DataFrame:
@@ -321,9 +326,10 @@ class Pipeline:
                 in_flight[fut] = (run_id, ents, t0, {"prov": prov, "stage": stage})
                 job._status[run_id] = "running"
                 ac.add(fut)
-            except Exception as e:
+            except Exception as e:  # one run's failure is recorded, the others go on
+                stage = e.stage if isinstance(e, StageError) else "build"
                 rows.append(self._row(ents or {"sub": row.sub, "task": row.task}, run_id,
-                                      "failed", stage="build", error=_msg(e, row.bold),
+                                      "failed", stage=stage, error=_msg(e, row.bold),
                                       seconds=time.perf_counter() - t0))
                 job._status[run_id] = "failed"
 
@@ -356,7 +362,11 @@ class Pipeline:
         runs = pd.DataFrame(rows)
         result = JobResult(runs=runs, output=cfg.output)
         if cfg.connectivity is not None and results:
-            context.group_step(results, result)
+            try:
+                context.group_step(results, result)
+            except Exception as e:  # per-run outputs stand; the group error is reported
+                result.group_errors.append(f"{type(e).__name__}: {e}")
+                self.echo(f"group step failed: {e}")
         report = _join(cfg.output, "boldflow_runs.tsv")
         _write_text(report, runs.to_csv(sep="\t", index=False, na_rep="n/a"), opts)
         n_failed = int((runs["status"] == "failed").sum()) if len(runs) else 0
@@ -384,6 +394,15 @@ class Pipeline:
                 "status": status, "stage": stage, "error": error,
                 "seconds": round(float(seconds), 2),
                 "outputs": ";".join(outputs) if outputs else None}
+
+
+class StageError(Exception):
+    """A run failed while its graph was built; ``stage`` says where."""
+
+    def __init__(self, stage: str, error: BaseException) -> None:
+        self.stage = stage
+        self.error = error
+        super().__init__(str(error))
 
 
 class _NullCluster:
@@ -521,35 +540,47 @@ class _Context:
                 "t_r": float(ds.attrs["repetition_time"])}
 
     def build(self, group: str) -> tuple[dict, str]:
-        """The lazy graph of one run: ``{"signals": (time, region), "seeds": {...}}``."""
+        """The lazy graph of one run: ``{"signals": (time, region), "seeds": {...}}``.
+
+        Raises
+        ------
+        StageError
+            Naming the stage (open, mask, confounds, clean, parcellate, seeds) that failed.
+        """
+        state = {"stage": "open"}
+        try:
+            return self._build(group, state)
+        except Exception as e:
+            raise StageError(state["stage"], e) from e
+
+    def _build(self, group: str, state: dict) -> tuple[dict, str]:
         from .masking import apply_mask
         from .parcellation import label_signals, map_signals
         from .signal import clean_signals
 
         cfg = self.cfg
-        stage = "open"
         ds = self.bs.open_group(group)
         if cfg.clean and cfg.clean.dummy_scans:
             ds = ds.isel(time=slice(cfg.clean.dummy_scans, None))
-        stage = "mask"
+        state["stage"] = "mask"
         matrix = apply_mask(ds, self._mask(ds))
         out: dict[str, Any] = {}
         kwargs = None
         time_out = matrix["time"].values
         if cfg.clean:
-            stage = "confounds"
+            state["stage"] = "confounds"
             kwargs = self._clean_kwargs(ds)
             if kwargs["sample_mask"] is not None:
                 time_out = time_out[np.asarray(kwargs["sample_mask"])]
         cleaned_voxels = None
         need_voxels = bool(cfg.seeds) or (cfg.clean and cfg.clean.level == "voxel")
         if cfg.clean and need_voxels:
-            stage = "clean"
+            state["stage"] = "clean"
             data = clean_signals(matrix.data, **kwargs)
             cleaned_voxels = matrix.isel(time=slice(0, data.shape[0])).copy(data=data)
             cleaned_voxels = cleaned_voxels.assign_coords(time=time_out)
         if cfg.parcellate:
-            stage = "parcellate"
+            state["stage"] = "parcellate"
             atlas = self.atlas(ds)
             extract = label_signals if atlas.kind == "labels" else map_signals
             if cleaned_voxels is not None and cfg.clean.level == "voxel":
@@ -559,10 +590,10 @@ class _Context:
                 signals = raw if not cfg.clean else _clean_regions(raw, kwargs, time_out)
             out["signals"] = signals
         if cfg.seeds:
-            stage = "seeds"
+            state["stage"] = "seeds"
             out["seeds"] = {s.name: self._seed_map(s, ds, cleaned_voxels if cfg.clean
                                                    else matrix) for s in cfg.seeds}
-        return out, stage
+        return out, state["stage"]
 
     def _seed_map(self, seed, ds, voxels: xr.DataArray) -> xr.DataArray:
         from .seeds import seed_correlation
@@ -635,7 +666,7 @@ class _Context:
         return table
 
     def group_step(self, results: dict[str, xr.DataArray], result: JobResult) -> None:
-        from .connectivity import compare_groups, group_connectivity, group_mean
+        from .connectivity import group_connectivity
 
         conn = self.cfg.connectivity
         runs = result.runs.set_index("run_id")
@@ -671,33 +702,44 @@ class _Context:
                            storage_options=self.opts or None)
             result.group_outputs.append(store_url)
             if conn.groups:
-                means = group_mean(mats, conn.groups)
-                for g in means["group"].values:
-                    names = [str(r) for r in means["region"].values]
-                    table = pd.DataFrame(means.sel(group=g).values, index=names, columns=names)
-                    table.index.name = "Node"
-                    url = _join(group_dir, f"seg-{name}_stat-{stat}_desc-{_label(g)}mean"
-                                           "_relmat.tsv")
-                    _write_text(url, table.to_csv(sep="\t", na_rep="n/a"), self.opts)
-                    result.group_outputs.append(url)
-                cmp = compare_groups(mats, conn.groups, test=conn.test,
-                                     n_permutations=conn.n_permutations, alpha=conn.alpha,
-                                     random_state=conn.seed)
-                result.comparisons[kind] = cmp
-                g1, g2 = (_label(g) for g in cmp.groups)
-                url = _join(group_dir, f"seg-{name}_stat-{stat}_desc-{g2}vs{g1}_edges.tsv")
-                _write_text(url, cmp.edges.to_csv(sep="\t", index=False, na_rep="n/a"),
-                            self.opts)
-                result.group_outputs.append(url)
-                for what in ("statistic", "p_fdr"):
-                    arr = getattr(cmp, what)
-                    names = [str(r) for r in arr["region"].values]
-                    table = pd.DataFrame(arr.values, index=names, columns=names)
-                    table.index.name = "Node"
-                    url = _join(group_dir, f"seg-{name}_stat-{stat}_desc-{g2}vs{g1}"
-                                           f"{what.replace('_', '')}_relmat.tsv")
-                    _write_text(url, table.to_csv(sep="\t", na_rep="n/a"), self.opts)
-                    result.group_outputs.append(url)
+                try:
+                    self._compare(mats, kind, name, group_dir, result)
+                except Exception as e:  # the matrices stand; report why not compared
+                    result.group_errors.append(f"{kind}: {type(e).__name__}: {e}")
+                    self.pipeline.echo(f"group comparison ({kind}) failed: {e}")
+
+    def _compare(self, mats, kind: str, name: str, group_dir: str, result) -> None:
+        from .connectivity import compare_groups, group_mean
+
+        conn = self.cfg.connectivity
+        stat = STAT_NAMES[kind]
+        means = group_mean(mats, conn.groups)
+        for g in means["group"].values:
+            names = [str(r) for r in means["region"].values]
+            table = pd.DataFrame(means.sel(group=g).values, index=names, columns=names)
+            table.index.name = "Node"
+            url = _join(group_dir, f"seg-{name}_stat-{stat}_desc-{_label(g)}mean"
+                                   "_relmat.tsv")
+            _write_text(url, table.to_csv(sep="\t", na_rep="n/a"), self.opts)
+            result.group_outputs.append(url)
+        cmp = compare_groups(mats, conn.groups, test=conn.test,
+                             n_permutations=conn.n_permutations, alpha=conn.alpha,
+                             random_state=conn.seed)
+        result.comparisons[kind] = cmp
+        g1, g2 = (_label(g) for g in cmp.groups)
+        url = _join(group_dir, f"seg-{name}_stat-{stat}_desc-{g2}vs{g1}_edges.tsv")
+        _write_text(url, cmp.edges.to_csv(sep="\t", index=False, na_rep="n/a"),
+                    self.opts)
+        result.group_outputs.append(url)
+        for what in ("statistic", "p_fdr"):
+            arr = getattr(cmp, what)
+            names = [str(r) for r in arr["region"].values]
+            table = pd.DataFrame(arr.values, index=names, columns=names)
+            table.index.name = "Node"
+            url = _join(group_dir, f"seg-{name}_stat-{stat}_desc-{g2}vs{g1}"
+                                   f"{what.replace('_', '')}_relmat.tsv")
+            _write_text(url, table.to_csv(sep="\t", na_rep="n/a"), self.opts)
+            result.group_outputs.append(url)
 
 
 def _label(value: Any) -> str:

@@ -1,0 +1,192 @@
+"""Jobs end to end on a real LocalCluster: config, failure isolation, resume, invariance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config
+from pipeline.demo import effect_edges
+from pipeline.jobs import Pipeline
+from pipeline.simulate import load_truth, simulate_dataset
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0", memory_limit="2GiB") as cluster, \
+            Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    return simulate_dataset(tmp_path_factory.mktemp("jobs") / "derivs", n_subjects=6,
+                            shape=(14, 16, 12), n_volumes=80, seed=5)
+
+
+def _job(sim, out, **extra):
+    job = {"input": str(sim.root), "output": str(out),
+           "clean": {"strategy": "simple", "high_pass": 0.01, "low_pass": 0.1},
+           "parcellate": {"atlas": str(sim.atlas), "name": "sim"},
+           "connectivity": {"kinds": ["pearson", "correlation"], "groups": "group"}}
+    for key, value in extra.items():
+        job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) else value
+    return job
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_unknown_and_invalid_keys_name_their_path(tmp_path):
+    bad = {"input": "x", "output": "y", "clean": {"hihg_pass": 0.01},
+           "connectivity": {"kinds": ["corr"]}, "parcellate": {"atlas": "a", "name": "b"}}
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert "clean.hihg_pass: unknown key" in str(err.value)
+    assert "connectivity.kinds.0" in str(err.value)
+    with pytest.raises(ConfigError, match="high_pass"):
+        load_config({"input": "x", "output": "y",
+                     "clean": {"high_pass": 0.1, "low_pass": 0.05}})
+    with pytest.raises(ConfigError, match="connectivity needs a parcellate"):
+        load_config({"input": "x", "output": "y", "connectivity": {}})
+    path = tmp_path / "job.yaml"
+    path.write_text("input: derivs\noutput: out\nparcellate: {atlas: a.nii.gz, name: x}\n")
+    cfg = load_config(path)
+    assert cfg.input == str(tmp_path / "derivs")  # relative to the YAML file
+    assert cfg.parcellate.atlas == str(tmp_path / "a.nii.gz")
+
+
+def test_cli_dry_run_and_error(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"input": "d", "output": "o", "clean": {"oops": 1}}))
+    exe = Path(sys.executable).parent / "boldflow"
+    res = subprocess.run([str(exe), "run", str(path), "--dry-run"], capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "clean.oops: unknown key" in res.stderr
+    path.write_text(yaml.safe_dump({"input": "d", "output": "o"}))
+    res = subprocess.run([str(exe), "run", str(path), "--dry-run"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0 and "strategy: simple" in res.stdout
+
+
+# ---------------------------------------------------------------------------- jobs
+
+
+def test_job_outputs_failures_and_resume(tmp_path, sim, client):
+    src = tmp_path / "derivs"
+    shutil.copytree(sim.root, src)
+    bad = next(src.rglob("sub-03_*desc-confounds_timeseries.tsv"))
+    frame = pd.read_csv(bad, sep="\t")
+    frame.drop(columns=["csf"]).to_csv(bad, sep="\t", index=False, na_rep="n/a")
+    job = _job(sim, tmp_path / "out", input=str(src))
+    result = Pipeline(job).submit(client).result()
+    runs = result.runs.set_index("sub")
+    assert runs.loc["03", "status"] == "failed"
+    assert runs.loc["03", "stage"] == "confounds"
+    assert "csf" in runs.loc["03", "error"] and bad.name in runs.loc["03", "error"]
+    assert (runs.drop(index="03")["status"] == "complete").all()
+
+    func = tmp_path / "out" / "sub-01" / "func"
+    prefix = "sub-01_task-rest_space-MNI152NLin2009cAsym"
+    ts = pd.read_csv(func / f"{prefix}_seg-sim_stat-mean_timeseries.tsv", sep="\t",
+                     na_values="n/a")
+    atlas_names = pd.read_csv(str(sim.atlas).replace(".nii.gz", ".tsv"), sep="\t")["name"]
+    assert list(ts.columns) == list(atlas_names) and len(ts) == 80
+    rel = pd.read_csv(func / f"{prefix}_seg-sim_stat-pearsoncorrelation_relmat.tsv", sep="\t",
+                      index_col=0)
+    np.testing.assert_allclose(rel.values, np.corrcoef(ts.values.T), atol=1e-12)
+    assert (func / f"{prefix}_seg-sim_stat-correlation_relmat.tsv").exists()
+    edges = pd.read_csv(tmp_path / "out" / "group" /
+                        "seg-sim_stat-pearsoncorrelation_desc-patientvscontrol_edges.tsv",
+                        sep="\t")
+    assert {"region_a", "region_b", "statistic", "p", "p_fdr"} <= set(edges.columns)
+    assert result.matrices["pearson"].sizes["subject"] == 5
+    report = pd.read_csv(tmp_path / "out" / "boldflow_runs.tsv", sep="\t")
+    assert sorted(report["status"]) == ["complete"] * 5 + ["failed"]
+
+    # re-run: nothing recomputed (provenance matches), identical group result
+    before = (func / f"{prefix}_seg-sim_stat-mean_timeseries.tsv").stat().st_mtime_ns
+    again = Pipeline(job).submit(client).result()
+    runs2 = again.runs.set_index("sub")
+    assert (runs2.drop(index="03")["status"] == "skipped").all()
+    assert (func / f"{prefix}_seg-sim_stat-mean_timeseries.tsv").stat().st_mtime_ns == before
+    pd.testing.assert_frame_equal(again.comparisons["pearson"].edges,
+                                  result.comparisons["pearson"].edges)
+    # a changed option invalidates the provenance: recomputed
+    job["clean"]["low_pass"] = 0.09
+    third = Pipeline(job).submit(client).result()
+    assert (third.runs.set_index("sub").drop(index="03")["status"] == "complete").all()
+    sidecar = json.loads((func / f"{prefix}_desc-boldflow_provenance.json").read_text())
+    assert sidecar["config"]["clean"]["low_pass"] == 0.09
+
+
+def test_voxel_level_and_seed_maps(tmp_path, sim, client):
+    import nibabel as nib
+
+    truth = load_truth(sim.root)
+    region = truth["regions"][0]["name"]
+    job = _job(sim, tmp_path / "out", clean={"level": "voxel"},
+               seeds=[{"name": "a", "region": region},
+                      {"name": "b", "coords": [0.0, 0.0, 0.0], "radius": 5.0}],
+               subjects=["01", "02", "03", "04"])
+    result = Pipeline(job).submit(client).result()
+    assert (result.runs["status"] == "complete").all(), result.runs["error"].tolist()
+    func = tmp_path / "out" / "sub-01" / "func"
+    img = nib.load(func / "sub-01_task-rest_space-MNI152NLin2009cAsym_seed-a_stat-"
+                          "pearsoncorrelation_boldmap.nii.gz")
+    r = img.get_fdata()
+    label = truth["regions"][0]["index"]
+    inside = np.asarray(truth["atlas"]) == label
+    # voxels of the seed region correlate strongly with the seed; values are correlations
+    assert np.nanmean(r[inside]) > 0.5
+    assert np.nanmax(np.abs(r)) <= 1 + 1e-9
+
+
+def test_same_results_with_other_chunks_and_workers(tmp_path, sim, client):
+    job_a = _job(sim, tmp_path / "a", subjects=["01", "02", "04"])
+    job_b = _job(sim, tmp_path / "b", subjects=["01", "02", "04"])
+    res_a = Pipeline(job_a).submit(client).result()
+    # another store layout (tiny chunks) and a single-worker cluster
+    from distributed import Client, LocalCluster
+
+    import storage
+
+    store = tmp_path / "tiny.zarr"
+    storage.ingest(sim.root, store, chunk_bytes="40KiB", subjects=["01", "02", "04"])
+    job_b["input"] = str(store)
+    job_b["connectivity"]["participants"] = str(sim.participants)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as c1:
+        res_b = Pipeline(job_b).submit(c1).result()
+    for kind in ("pearson", "correlation"):
+        np.testing.assert_allclose(res_b.matrices[kind].values, res_a.matrices[kind].values,
+                                   rtol=1e-9, atol=1e-12)
+    # one subject in a group: no comparison, but the matrices and per-run outputs stand
+    assert any("at least 2 subjects" in e for e in res_a.group_errors)
+
+
+def test_known_group_effect_is_found(tmp_path, client):
+    """Ground truth: designated edges significant after FDR, truly null edges not."""
+    sim = simulate_dataset(tmp_path / "derivs", n_subjects=16, shape=(16, 18, 14),
+                           n_volumes=150, seed=2)
+    job = _job(sim, tmp_path / "out", clean={"strategy": "36p"})
+    result = Pipeline(job).submit(client).result()
+    cmp = result.comparisons["pearson"]
+    designated, affected = effect_edges(load_truth(sim.root))
+    sig = {frozenset(p) for p in cmp.significant_edges()[["region_a", "region_b"]]
+           .itertuples(index=False)}
+    null = {frozenset(p) for p in cmp.edges[["region_a", "region_b"]]
+            .itertuples(index=False)} - affected
+    assert designated <= sig
+    assert len(sig & null) <= max(1, int(0.05 * len(null)))
