@@ -345,6 +345,8 @@ class Pipeline:
                 rows.append(self._row(ents, run_id, "complete", outputs=outputs,
                                       seconds=time.perf_counter() - t0))
                 job._status[run_id] = "complete"
+                self.echo(f"[{len(rows)}/{len(selected)}] {run_id}: complete "
+                          f"({time.perf_counter() - t0:.1f} s)")
             except Exception as e:
                 rows.append(self._row(ents, run_id, "failed", stage=info["stage"],
                                       error=_msg(e, run_id),
@@ -444,6 +446,7 @@ class _Context:
             "atlas": self._atlas_sha,
             "kinds": cfg.connectivity.kinds if cfg.connectivity else None,
             "seeds": [s.model_dump() for s in cfg.seeds],
+            "export": cfg.export.model_dump(),
             "versions": _versions(),
         }
         if cfg.mask.strategy == "group":
@@ -573,7 +576,8 @@ class _Context:
             if kwargs["sample_mask"] is not None:
                 time_out = time_out[np.asarray(kwargs["sample_mask"])]
         cleaned_voxels = None
-        need_voxels = bool(cfg.seeds) or (cfg.clean and cfg.clean.level == "voxel")
+        need_voxels = (bool(cfg.seeds) or cfg.export.cleaned_bold
+                       or (cfg.clean and cfg.clean.level == "voxel"))
         if cfg.clean and need_voxels:
             state["stage"] = "clean"
             data = clean_signals(matrix.data, **kwargs)
@@ -589,11 +593,31 @@ class _Context:
                 raw = extract(matrix, atlas)
                 signals = raw if not cfg.clean else _clean_regions(raw, kwargs, time_out)
             out["signals"] = signals
+        if cfg.export.cleaned_bold:
+            state["stage"] = "export"
+            voxels = cleaned_voxels if cleaned_voxels is not None else matrix
+            out["cleaned"] = self._write_cleaned(ds, voxels)
         if cfg.seeds:
             state["stage"] = "seeds"
             out["seeds"] = {s.name: self._seed_map(s, ds, cleaned_voxels if cfg.clean
                                                    else matrix) for s in cfg.seeds}
         return out, state["stage"]
+
+    def _cleaned_url(self, ents: dict) -> str:
+        return _join(self.cfg.output, _run_dir(ents), f"{run_prefix(ents)}_desc-clean_bold.zarr")
+
+    def _write_cleaned(self, ds: xr.Dataset, voxels: xr.DataArray):
+        """Cleaned (time, voxel) data written chunk by chunk by the workers (lazy)."""
+        url = self._cleaned_url(dict(ds.attrs["entities"]))
+        attrs = {"affine": np.asarray(voxels.attrs["affine"]).tolist(),
+                 "shape": list(voxels.attrs["shape"]),
+                 "repetition_time": float(ds.attrs["repetition_time"])}
+        out = voxels.rename("cleaned").to_dataset()
+        out["cleaned"].attrs = attrs
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return out.to_zarr(url, mode="w", compute=False, zarr_format=3,
+                               consolidated=False, storage_options=self.opts or None)
 
     def _seed_map(self, seed, ds, voxels: xr.DataArray) -> xr.DataArray:
         from .seeds import seed_correlation
@@ -642,6 +666,17 @@ class _Context:
                         ".nii.gz")
             storage.to_nifti(unmask(smap), url, storage_options=self.opts)
             written.append(url)
+        if "cleaned" in computed:
+            from .masking import unmask
+
+            url = self._cleaned_url(ents)
+            cleaned = xr.open_zarr(url, zarr_format=3, consolidated=False,
+                                   storage_options=self.opts or None)["cleaned"]
+            cleaned.attrs["affine"] = np.asarray(cleaned.attrs["affine"])
+            nifti = url.removesuffix(".zarr") + ".nii.gz"
+            storage.to_nifti(unmask(cleaned).astype(np.float32), nifti,
+                             storage_options=self.opts)
+            written += [url, nifti]
         sidecar = {"provenance": prov, "entities": ents, "versions": _versions(),
                    "config": self.cfg.model_dump(exclude={"storage_options"}),
                    "outputs": [os.path.basename(w) for w in written]}

@@ -120,13 +120,13 @@ def load_atlas(path: str | os.PathLike, *, reference: xr.Dataset | xr.DataArray,
         if split_connected:
             from nilearn.regions import connected_label_regions
 
-            img, label_names = connected_label_regions(
-                img, min_size=min_region_size,
-                labels=[table.get(i, f"label-{i}") for i in _labels_of(img)] if table
-                else None)
-            table = None
-            if label_names is not None:
+            if table:
+                img, label_names = connected_label_regions(
+                    img, min_size=min_region_size,
+                    labels=[table.get(i, f"label-{i}") for i in _labels_of(img)])
                 table = dict(zip(_labels_of(img), label_names, strict=True))
+            else:
+                img = connected_label_regions(img, min_size=min_region_size)
         same = img.shape[:3] == shape and np.allclose(img.affine, affine, atol=1e-3)
         res = img if same else resample_to_img(img, target, interpolation="nearest",
                                                force_resample=True, copy_header=True)

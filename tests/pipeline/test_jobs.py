@@ -190,3 +190,27 @@ def test_known_group_effect_is_found(tmp_path, client):
             .itertuples(index=False)} - affected
     assert designated <= sig
     assert len(sig & null) <= max(1, int(0.05 * len(null)))
+
+
+def test_cleaned_bold_export_equals_voxel_cleaning(tmp_path, sim, client):
+    import nibabel as nib
+
+    import storage
+    from pipeline.masking import apply_mask
+    from pipeline.signal import clean_signals
+
+    job = _job(sim, tmp_path / "out", export={"cleaned_bold": True}, subjects=["02"],
+               clean={"strategy": "none"})
+    job.pop("connectivity")
+    result = Pipeline(job).submit(client).result()
+    assert (result.runs["status"] == "complete").all(), result.runs["error"].tolist()
+    path = (tmp_path / "out" / "sub-02" / "func" /
+            "sub-02_task-rest_space-MNI152NLin2009cAsym_desc-clean_bold.nii.gz")
+    img = nib.load(path)
+    assert img.shape == (14, 16, 12, 80) and img.header.get_zooms()[3] == 2.0
+    ds = storage.open_run(tmp_path / "out" / "boldflow.zarr", subject="02", task="rest")
+    matrix = apply_mask(ds)
+    ref = np.asarray(clean_signals(matrix.data, t_r=2.0, low_pass=0.1, high_pass=0.01))
+    got = img.get_fdata()[matrix["i"].values, matrix["j"].values, matrix["k"].values].T
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)  # float32 NIfTI
+    np.testing.assert_allclose(img.affine, ds.attrs["affine"])

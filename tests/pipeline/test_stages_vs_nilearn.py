@@ -202,3 +202,41 @@ def test_haxby_real_data_labels(tmp_path):
                                t_r=2.5)
     ref = _quiet(masker.fit_transform, str(bold_path), confounds=motion)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+ATLASES = HAXBY.parents[1] / "atlases"
+
+
+@pytest.mark.parametrize("atlas_name,split", [
+    ("tpl-MNI152NLin6Asym_atlas-Schaefer2018v0143_res-02_desc-100Parcels17Networks_dseg.nii.gz",
+     False),
+    ("tpl-MNI152NLin6Asym_atlas-Schaefer2018v0143_res-02_desc-100Parcels17Networks_dseg.nii.gz",
+     True),
+])
+def test_real_atlas_on_another_grid(tmp_path, atlas_name, split):
+    """Real atlases resampled (nearest) to a 2.5 cm native grid, as NiftiLabelsMasker does;
+    regions that miss the brain mask are NaN columns instead of being dropped."""
+    from nilearn.regions import connected_label_regions
+
+    bold_path = HAXBY / "run-001" / "bold_25mm.nii.gz"
+    mask_path = HAXBY / "masks" / "25mm" / "brain.nii.gz"
+    spec = storage.RunSpec(bold=str(bold_path), mask=str(mask_path),
+                           entities={"sub": "001", "task": "objects"})
+    storage.ingest([spec], tmp_path / "h.zarr")
+    ds = storage.open_run(tmp_path / "h.zarr", subject="001", task="objects")
+    atlas_path = ATLASES / atlas_name
+    atlas = load_atlas(atlas_path, reference=ds, split_connected=split, min_region_size=1)
+    ours = label_signals(apply_mask(ds), atlas)
+    labels_img = str(atlas_path)
+    if split:
+        labels_img = _quiet(connected_label_regions, str(atlas_path), min_size=1)
+        assert len(atlas.labels) > 100  # some parcels have several components
+    masker = NiftiLabelsMasker(labels_img=labels_img, mask_img=str(mask_path), standardize=None)
+    ref = _quiet(masker.fit_transform, str(bold_path))
+    present = ours["n_voxels"].values > 0
+    assert present.sum() == ref.shape[1]
+    assert (~present).sum() > 0  # the atlas has regions outside this small brain
+    assert np.isnan(ours.values[:, ~present]).all()
+    np.testing.assert_allclose(ours.values[:, present], ref, rtol=1e-6)
+    if not split:  # names from the atlas' dseg.tsv next to it (BIDS atlas naming)
+        assert ours["region"].values[0].startswith("17Networks_LH_")
