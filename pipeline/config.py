@@ -81,10 +81,21 @@ class ConnectivityConfig(_Section):
     kinds: list[Kind] = Field(default_factory=lambda: ["correlation"], min_length=1)
     groups: str | None = None
     participants: str | None = None
+    group_rules: dict[str, str] | None = None  # group label -> glob on "sub-XX", e.g. sub-P*
     test: Literal["welch", "permutation"] = "welch"
     n_permutations: int = Field(5000, ge=100)
     alpha: float = Field(0.05, gt=0, lt=1)
     seed: int = 0
+
+
+    @model_validator(mode="after")
+    def _rules(self) -> ConnectivityConfig:
+        if self.group_rules is not None:
+            if len(self.group_rules) != 2:
+                raise ValueError("group_rules needs exactly two groups (label: glob)")
+            if self.groups is None:
+                object.__setattr__(self, "groups", "group")
+        return self
 
 
 class SeedConfig(_Section):

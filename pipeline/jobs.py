@@ -685,6 +685,17 @@ class _Context:
 
     def _participants(self) -> pd.DataFrame | None:
         conn = self.cfg.connectivity
+        if conn.group_rules:
+            import fnmatch
+
+            subs = sorted({f"sub-{s}" for s in self.bs.runs()["sub"]})
+            rows = []
+            for sub in subs:
+                hits = [g for g, pat in conn.group_rules.items() if fnmatch.fnmatch(sub, pat)]
+                if len(hits) > 1:
+                    raise ValueError(f"{sub} matches several group rules: {hits}")
+                rows.append({"participant_id": sub, conn.groups: hits[0] if hits else None})
+            return pd.DataFrame(rows)
         url = conn.participants or _join(self.cfg.input, "participants.tsv")
         text = _read_text(url, self.opts)
         if text is None:

@@ -214,3 +214,19 @@ def test_cleaned_bold_export_equals_voxel_cleaning(tmp_path, sim, client):
     got = img.get_fdata()[matrix["i"].values, matrix["j"].values, matrix["k"].values].T
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)  # float32 NIfTI
     np.testing.assert_allclose(img.affine, ds.attrs["affine"])
+
+
+def test_group_rules_and_cancel(tmp_path, sim, client):
+    # groups from glob rules on subject ids instead of participants.tsv
+    job = _job(sim, tmp_path / "out", connectivity={"groups": None, "group_rules": {
+        "low": "sub-0[1-3]", "high": "sub-0[4-6]"}})
+    result = Pipeline(job).submit(client).result()
+    cmp = result.comparisons["pearson"]
+    assert cmp.groups == ("high", "low") and cmp.n_subjects == {"high": 3, "low": 3}
+    # cancel: every run is accounted for, none left running
+    job2 = _job(sim, tmp_path / "out2")
+    handle = Pipeline(job2).submit(client)
+    handle.cancel()
+    runs = handle.result().runs
+    assert len(runs) == 6 and handle.done()
+    assert set(runs["status"]) <= {"complete", "failed", "skipped"}
