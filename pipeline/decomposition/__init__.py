@@ -1,0 +1,1 @@
+"""Decomposition at scale: PCA, single-subject and group ICA, dual regression."""
