@@ -208,11 +208,15 @@ def label_signals(matrix: xr.DataArray, atlas: Atlas) -> xr.DataArray:
         sums = da.zeros((data.shape[0], n_regions), dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / np.where(counts > 0, counts, np.nan)
+    return _region_array(means, matrix, atlas, counts)
+
+
+def _region_array(data, matrix: xr.DataArray, atlas: Atlas, counts) -> xr.DataArray:
     return xr.DataArray(
-        means, dims=("time", "region"),
+        data, dims=("time", "region"),
         coords={"time": matrix["time"].values, "region": atlas.names,
                 "label": ("region", np.asarray(atlas.labels)),
-                "n_voxels": ("region", counts)},
+                "n_voxels": ("region", np.asarray(counts))},
         attrs={k: v for k, v in matrix.attrs.items() if k == "repetition_time"},
         name="region_signals")
 
@@ -266,12 +270,5 @@ def map_signals(matrix: xr.DataArray, atlas: Atlas) -> xr.DataArray:
 
     signals = da.from_delayed(dask.delayed(solve, pure=True)(total), shape=(nt, n_regions),
                               dtype=np.float64)
-    counts = np.count_nonzero(maps, axis=0)
-    return xr.DataArray(
-        signals, dims=("time", "region"),
-        coords={"time": matrix["time"].values, "region": atlas.names,
-                "label": ("region", np.asarray(atlas.labels)),
-                "n_voxels": ("region", counts)},
-        attrs={k: v for k, v in matrix.attrs.items() if k == "repetition_time"},
-        name="region_signals")
+    return _region_array(signals, matrix, atlas, np.count_nonzero(maps, axis=0))
 
