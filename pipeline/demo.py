@@ -78,6 +78,10 @@ def run_demo(out: Path, *, n_subjects: int = 16, n_volumes: int = 150, seed: int
                                np.asanyarray(nib.load(first["bold"]).dataobj)))
     echo(f"[3/4] store == source NIfTI voxel for voxel ({first['run_id']}): {same}")
 
+    if "pearson" not in result.comparisons:
+        echo(f"[4/4] no group comparison: {'; '.join(result.group_errors)}")
+        return {"root": sim.root, "store": store, "result": result, "roundtrip_equal": same,
+                "found": 0, "designated": 0, "false_positives": 0, "null_edges": 0}
     cmp = result.comparisons["pearson"]
     designated, affected = effect_edges(truth)
     sig = {frozenset(p) for p in cmp.significant_edges()[["region_a", "region_b"]]

@@ -22,13 +22,16 @@ def _boldflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_demo(tmp_path):
-    res = _boldflow("demo", "--out", str(tmp_path / "d"), "--subjects", "2", "--volumes", "30",
+    res = _boldflow("demo", "--out", str(tmp_path / "d"), "--subjects", "4", "--volumes", "60",
                     "--workers", "1", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "Dask dashboard: http://" in res.stdout
-    assert "store == source NIfTI voxel for voxel: True" in res.stdout
+    assert "store == source NIfTI voxel for voxel" in res.stdout and ": True" in res.stdout
+    assert "group comparison (patient vs control" in res.stdout
     bs = storage.open_store(tmp_path / "d" / "study.zarr")
-    assert list(bs.runs()["n_volumes"]) == [30, 30]
+    assert list(bs.runs()["n_volumes"]) == [60] * 4
+    edges = list((tmp_path / "d" / "results" / "group").glob("*pearson*_edges.tsv"))
+    assert len(edges) == 1
 
 
 @pytest.fixture(scope="module")
