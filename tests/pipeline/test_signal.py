@@ -156,18 +156,27 @@ FILTERS = {
 }  # filter=False: the same plan as "none" (test_warnings_like_nilearn, dask cases)
 
 
-@pytest.mark.parametrize("confounds", ["none", "array", "array-unstandardized"])
+@pytest.mark.parametrize("confounds", [False, True])
 @pytest.mark.parametrize("filt", list(FILTERS))
 @pytest.mark.parametrize("standardize", ["zscore_sample", "psc", None])
 @pytest.mark.parametrize("detrend", [True, False])
 def test_grid_matches_nilearn(data, detrend, standardize, filt, confounds):
     x, conf = data
     kwargs = dict(detrend=detrend, standardize=standardize, **FILTERS[filt])
-    if confounds == "array":
+    if confounds:
         kwargs["confounds"] = conf
-    elif confounds == "array-unstandardized":
-        kwargs.update(confounds=conf, standardize_confounds=False)
     compare(x, **kwargs)
+
+
+@pytest.mark.parametrize("filt", list(FILTERS))
+@pytest.mark.parametrize("detrend", [True, False])
+def test_unstandardized_confounds(data, detrend, filt):
+    x, conf = data
+    # detrend=False too: nilearn warns, and scales the confounds by their max instead
+    compare(x, confounds=conf, standardize_confounds=False, detrend=detrend, **FILTERS[filt])
+    if detrend:
+        compare(x, confounds=conf, standardize_confounds=False, standardize="psc",
+                **FILTERS[filt])
 
 
 @pytest.mark.parametrize("standardize", [True, False])
@@ -252,10 +261,8 @@ def _mask(censored, n=T):
 
 CENSORING = {
     "middle": [30, 31, 32, 70],
-    "start": [0, 1, 2, 50],
     "start-only": [0, 1],
     "end": [60, 117, 118, 119],
-    "end-only": [118, 119],
     "both-edges": [0, 1, 40, 118, 119],
     # nilearn interpolates row ~i (= T-1-i) for kept i: with 10 and T-1-10 both censored,
     # neither is interpolated (reproduced on purpose)
@@ -670,6 +677,7 @@ def test_dask_float32_and_psc_warning_at_compute(data):
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
 
+@pytest.mark.slow
 def test_dask_graph_pickles_and_runs_in_processes(data):
     x, conf = data
     lazy = clean_signals(da.from_array(x, chunks=(T, 100)), confounds=conf, low_pass=0.1,
@@ -693,32 +701,34 @@ def test_dask_small_inputs_may_be_dask(data):
 
 def _benchmark(n_time: int = 200, n_features: int = 58_665, repeat: int = 3) -> None:
     """nilearn.signal.clean vs clean_signals, band-pass 0.01-0.08 Hz, t_r 2, 6 confounds,
-    detrend, zscore_sample, float64."""
+    detrend, zscore_sample, float64. Prints the best wall time and its CPU time (all
+    threads: less sensitive to other load on the machine)."""
     x, conf = make_signals(n_time=n_time, n_features=n_features, n_confounds=6)
     kwargs = dict(confounds=conf, detrend=True, standardize="zscore_sample",
                   low_pass=0.08, high_pass=0.01, t_r=2.0)
 
     def best(f, repeat=repeat):
-        times = []
+        runs = []
         for _ in range(repeat):
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             result = f()
-            times.append(time.perf_counter() - t0)
-        return min(times), result
+            runs.append((time.perf_counter() - w0, time.process_time() - c0))
+        return min(runs), result
 
-    t_ref, ref = best(lambda: nilearn_clean(x, **kwargs), repeat=1)  # ~20 s
+    (w_ref, c_ref), ref = best(lambda: nilearn_clean(x, **kwargs), repeat=1)  # ~20 s
     print(f"{n_time} x {n_features} float64, band-pass, 6 confounds, detrend, zscore_sample")
-    print(f"nilearn.signal.clean          {t_ref:8.3f} s")
+    print(f"{'nilearn.signal.clean':32s} wall {w_ref:7.3f} s   cpu {c_ref:7.3f} s")
     for name in ("auto", "operator", "stepwise"):
         ps._METHOD = name
-        t_ours, ours = best(lambda: clean_signals(x, **kwargs))
+        (w, c), ours = best(lambda: clean_signals(x, **kwargs))
         err = np.abs(ours - ref).max()
-        print(f"clean_signals ({name:8s})    {t_ours:8.3f} s  x{t_ref / t_ours:6.1f}  "
-              f"max |diff| {err:.1e}")
+        print(f"{'clean_signals (' + name + ')':32s} wall {w:7.3f} s   cpu {c:7.3f} s   "
+              f"x{w_ref / w:5.0f} wall  x{c_ref / c:5.0f} cpu   max |diff| {err:.1e}")
     ps._METHOD = "auto"
     dx = da.from_array(x, chunks=(n_time, 8192))
-    t_dask, _ = best(lambda: clean_signals(dx, **kwargs).compute())
-    print(f"clean_signals (dask, 8192-col) {t_dask:8.3f} s  x{t_ref / t_dask:6.1f}")
+    (w, c), _ = best(lambda: clean_signals(dx, **kwargs).compute())
+    print(f"{'clean_signals (dask, 8192 cols)':32s} wall {w:7.3f} s   cpu {c:7.3f} s   "
+          f"x{w_ref / w:5.0f} wall  x{c_ref / c:5.0f} cpu")
 
 
 if __name__ == "__main__":
