@@ -716,7 +716,7 @@ class _Context:
 
         conn = self.cfg.connectivity
         runs = result.runs.set_index("run_id")
-        ok = [r for r in results if r in runs.index]
+        ok = sorted(r for r in results if r in runs.index)  # deterministic subject order
         subjects = [run_id for run_id in ok]
         signals = [results[r] for r in ok]
         metadata = self._participants()

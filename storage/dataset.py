@@ -12,6 +12,7 @@ import xarray as xr
 import zarr
 
 from .catalog import STATUS_ATTR, read_catalog
+from .chunking import parse_bytes
 from .errors import IncompleteRunError, StoreError
 from .stores import StoreRef
 
@@ -84,14 +85,19 @@ class BoldStore:
     def open_run(self, subject: str | None = None, task: str | None = None,
                  run: str | int | None = None, session: str | None = None, *,
                  space: str | None = None, acq: str | None = None,
-                 chunks: dict | str | None = "time") -> xr.Dataset:
+                 chunks: dict | str | None = "time",
+                 block_bytes: int | str = "32MiB") -> xr.Dataset:
         """Open one run lazily. See :func:`open_run`."""
         row = self.find(subject=subject, task=task, run=run, session=session, space=space,
                         acq=acq)
-        return self.open_group(row["group"], chunks=chunks)
+        return self.open_group(row["group"], chunks=chunks, block_bytes=block_bytes)
 
-    def open_group(self, group: str, *, chunks: dict | str | None = "time") -> xr.Dataset:
-        """Open the run stored in ``group`` (a path such as ``sub-01/task-rest``)."""
+    def open_group(self, group: str, *, chunks: dict | str | None = "time",
+                   block_bytes: int | str = "32MiB") -> xr.Dataset:
+        """Open the run stored in ``group`` (a path such as ``sub-01/task-rest``).
+
+        See :func:`open_run` for ``chunks`` and ``block_bytes``.
+        """
         try:
             grp = zarr.open_group(self.zarr_store, path=group, mode="r", use_consolidated=False)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
@@ -105,8 +111,9 @@ class BoldStore:
             ds = xr.open_zarr(self.zarr_store, group=group, consolidated=False,
                               chunks={}, zarr_format=3)
         if chunks == "time":
-            # merge each spatial block's time chunks: stages see whole voxel time series
-            ds["bold"] = ds["bold"].chunk({"time": -1})
+            # merge each spatial block's time chunks (stages see whole voxel time series),
+            # splitting the block in space if all its volumes would exceed block_bytes
+            ds["bold"] = ds["bold"].chunk(time_blocks(ds["bold"], block_bytes))
         elif chunks is not None:
             ds = ds.chunk(chunks)
         return _finish(ds)
@@ -115,6 +122,32 @@ class BoldStore:
         cat = self.catalog
         n_ok = int((cat["status"] == "complete").sum()) if len(cat) else 0
         return f"<BoldStore {self.ref}: {n_ok} complete run(s), {len(cat) - n_ok} failed>"
+
+
+def time_blocks(bold: xr.DataArray, block_bytes: int | str = "32MiB") -> dict[str, Any]:
+    """Chunks for ``bold`` with whole time series and at most ``block_bytes`` (float64).
+
+    Each stored spatial chunk is split into equal parts (halving its largest side) until
+    one part times all volumes fits; the split parts never straddle stored chunks.
+    """
+    budget = parse_bytes(block_bytes)
+    nt = bold.sizes["time"]
+    stored = bold.encoding.get("chunks") or tuple(c[0] for c in bold.chunks)
+    dims = list(bold.dims)
+    spatial = {d: int(stored[dims.index(d)]) for d in ("x", "y", "z")}
+    while np.prod(list(spatial.values())) * nt * 8 > budget and max(spatial.values()) > 1:
+        d = max(spatial, key=spatial.get)
+        spatial[d] = -(-spatial[d] // 2)
+    out: dict[str, Any] = {"time": -1}
+    for d, size in spatial.items():
+        n_stored = int(stored[dims.index(d)])
+        # parts of each stored chunk: chunk sizes that restart at every stored boundary
+        sizes = []
+        for start in range(0, bold.sizes[d], n_stored):
+            length = min(n_stored, bold.sizes[d] - start)
+            sizes += [min(size, length - k) for k in range(0, length, size)]
+        out[d] = tuple(sizes)
+    return out
 
 
 def _finish(ds: xr.Dataset) -> xr.Dataset:
@@ -146,7 +179,7 @@ def open_run(store: str | os.PathLike | StoreRef | BoldStore, subject: str | Non
              task: str | None = None, run: str | int | None = None,
              session: str | None = None, *, space: str | None = None, acq: str | None = None,
              storage_options: dict | None = None,
-             chunks: dict | str | None = "time") -> xr.Dataset:
+             chunks: dict | str | None = "time", block_bytes: int | str = "32MiB") -> xr.Dataset:
     """Open one run of a store as a lazy :class:`xarray.Dataset`.
 
     Parameters
@@ -161,6 +194,11 @@ def open_run(store: str | os.PathLike | StoreRef | BoldStore, subject: str | Non
         ``"time"``: the stored spatial blocks, each with all volumes (what per-voxel
         temporal stages need). A dict: passed to :meth:`xarray.Dataset.chunk`. None:
         the on-disk chunks.
+    block_bytes : int or str, default="32MiB"
+        With ``chunks="time"``: the largest block of voxels x all volumes, counted in
+        float64 (the pipeline's working precision). A stored spatial block whose time
+        series exceed it is split in space, so a task's memory does not grow with the
+        number of volumes.
 
     Returns
     -------
@@ -180,7 +218,7 @@ def open_run(store: str | os.PathLike | StoreRef | BoldStore, subject: str | Non
     bs = store if isinstance(store, BoldStore) else open_store(store,
                                                                storage_options=storage_options)
     return bs.open_run(subject=subject, task=task, run=run, session=session, space=space,
-                       acq=acq, chunks=chunks)
+                       acq=acq, chunks=chunks, block_bytes=block_bytes)
 
 
 def world_coordinates(ds: xr.Dataset | xr.DataArray) -> xr.DataArray:
