@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from storage import BoldflowError
 
-__all__ = ["CleanConfig", "ClusterConfig", "ConfigError", "ConnectivityConfig",
+__all__ = ["CleanConfig", "ClusterConfig", "ConfigError", "ConnectivityConfig", "DecomposeConfig",
            "ExportConfig", "JobConfig", "MaskConfig", "ParcellateConfig", "SeedConfig",
            "load_config"]
 
@@ -113,6 +113,29 @@ class SeedConfig(_Section):
         return self
 
 
+class DecomposeConfig(_Section):
+    """ICA: per run (MELODIC-style) or for the group (MIGP or CanICA) + dual regression."""
+
+    level: Literal["subject", "group"] = "subject"
+    method: Literal["melodic", "migp", "canica"] | None = None
+    n_components: int | Literal["auto"] = "auto"
+    seed: int = 0
+    threshold: float | Literal["mixture"] | None = None
+    dual_regression: bool = True
+    melodic_export: bool = False
+
+    @model_validator(mode="after")
+    def _method(self) -> DecomposeConfig:
+        method = self.method or ("melodic" if self.level == "subject" else "migp")
+        if (self.level == "subject") != (method == "melodic"):
+            raise ValueError(f"method {method!r} does not apply at level {self.level!r} "
+                             "(subject: melodic; group: migp or canica)")
+        if self.level == "group" and self.n_components == "auto":
+            object.__setattr__(self, "n_components", 20)
+        object.__setattr__(self, "method", method)
+        return self
+
+
 class ClusterConfig(_Section):
     """Where to compute: an existing scheduler, or a LocalCluster."""
 
@@ -148,6 +171,7 @@ class JobConfig(_Section):
     parcellate: ParcellateConfig | None = None
     connectivity: ConnectivityConfig | None = None
     seeds: list[SeedConfig] = Field(default_factory=list)
+    decompose: DecomposeConfig | None = None
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 

@@ -341,7 +341,8 @@ class Pipeline:
             try:
                 computed = fut.result()
                 outputs = context.write_run(ents, computed, info["prov"])
-                results[run_id] = computed["signals"]
+                if "signals" in computed:
+                    results[run_id] = computed["signals"]
                 rows.append(self._row(ents, run_id, "complete", outputs=outputs,
                                       seconds=time.perf_counter() - t0))
                 job._status[run_id] = "complete"
@@ -361,6 +362,12 @@ class Pipeline:
             for row in pending:
                 rows.append(self._row({"sub": row.sub, "task": row.task}, row.run_id,
                                       "failed", stage="cancelled", error="job cancelled"))
+        if cfg.decompose is not None and not job._cancelled.is_set():
+            from .decompose_step import run_decomposition
+
+            done = [r for r in selected.itertuples(index=False)
+                    if job._status.get(r.run_id) in ("complete", "skipped")]
+            rows += run_decomposition(context, done, self.echo)
         runs = pd.DataFrame(rows)
         result = JobResult(runs=runs, output=cfg.output)
         if cfg.connectivity is not None and results:

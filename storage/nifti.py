@@ -309,6 +309,8 @@ class NiftiStreamWriter:
         fs, fpath = fsspec.core.url_to_fs(self.path, **(storage_options or {}))
         self._fs, self._final = fs, fpath
         self._tmp = f"{fpath}.partial" if _is_local(fs) else fpath
+        if _is_local(fs):
+            fs.makedirs(fs._parent(fpath), exist_ok=True)
         self._raw = fs.open(self._tmp, "wb")
         if self.path.endswith(".gz"):
             # ISA-L deflates several times faster than zlib at its levels 0-3
