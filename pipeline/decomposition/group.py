@@ -1,0 +1,795 @@
+"""Group ICA with bounded memory: MIGP and CanICA-style, over many subjects.
+
+Inputs are subjects' masked ``(time, voxel)`` matrices (:func:`pipeline.masking.apply_mask`,
+usually cleaned with :func:`pipeline.signal.clean_signals`), lazy dask-backed DataArrays on
+the *same* voxel set (the same group mask applied to every run: the ``i, j, k`` voxel
+coordinates must be identical, which is checked). ``subjects`` is a sequence or any iterable
+(a generator); an item may also be a zero-argument callable returning the DataArray, so that a
+run is only opened when its turn comes.
+
+:class:`MIGP`
+    MELODIC's Incremental Group-PCA (Smith et al., NeuroImage 2014): subjects are streamed
+    one at a time in a seeded random order, each demeaned and variance-normalised; a running
+    ``W`` of at most ``d_internal + T`` rows is kept and reduced back to ``d_internal`` rows
+    (``W <- U^T W``, ``U`` the top eigenvectors of ``W W^T``) whenever it grows beyond
+    ``d_internal``. Output: the top ``n_components`` rows (spatial eigenmaps).
+:class:`GroupICA`
+    ``method="migp"``: MIGP, then spatial FastICA of the group eigenmaps (MELODIC's
+    concat-ICA); maps z-scored, sign such that each map has a positive skew, ordered by
+    decreasing explained variance. ``method="canica"``: nilearn's ``CanICA`` (Varoquaux et
+    al. 2010): per-subject PCA, CCA normalisation, randomized SVD of the stacked subject
+    components (:func:`dask.array.linalg.svd_compressed`), ``n_init`` FastICA runs keeping the
+    sparsest (smallest maximum L1 norm), thresholding and peak-positive signs, exactly as
+    ``nilearn.decomposition.CanICA._unmix_components``.
+
+Memory
+------
+Nothing of size ``(rows, n_voxels)`` is ever held by one process. Every ``(rows, voxel)``
+intermediate - MIGP's running ``W``, each subject's normalised data, CanICA's per-subject
+components - is written to a temporary Zarr array (``workdir``) in regular column blocks of
+``block_size`` voxels and read back lazily; all arithmetic over voxels runs one block at a
+time, and what is computed is small (``rows x rows`` Gram matrices, reduced to eigenvectors
+in NumPy). A task holds at most a few ``(rows, block_size)`` blocks. By default ``workdir`` is
+a local temporary directory, removed at the end of ``fit`` (fine with the threaded scheduler
+and with a ``LocalCluster``); on a multi-machine cluster give a shared path or an fsspec URL
+(``s3://bucket/tmp``). ``workdir="memory"`` instead persists the intermediates in the
+cluster's memory (faster for small problems, but then memory grows with ``rows x n_voxels``).
+The fitted maps themselves (``components_``, ``(n_components, n_voxels)``) are NumPy arrays,
+and the final ICA runs in memory on them (``n_voxels x n_components``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+from scipy.stats import scoreatpercentile
+from sklearn.base import BaseEstimator
+from sklearn.decomposition import fastica
+from sklearn.utils import check_random_state
+from threadpoolctl import threadpool_limits
+
+__all__ = ["MIGP", "GroupICA"]
+
+#: Target bytes of one ``(rows, block)`` float64 block of the temporary arrays.
+_BLOCK_BYTES = 32 * 2**20
+#: Smallest default voxel block.
+_MIN_BLOCK = 256
+#: Components removed before estimating the noise std (robust variance normalisation).
+_VN_COMPONENTS = 30
+#: Floor of the per-voxel noise std (Smith et al. 2014; HCP ``variance_normalise``).
+_VN_FLOOR = 1e-3
+#: ``n_voxels x k`` elements below which the in-memory FastICA runs on one BLAS thread.
+_SINGLE_THREAD_SIZE = 2**22
+
+SubjectLike = xr.DataArray | da.Array | np.ndarray | Callable[[], Any]
+
+
+# ------------------------------------------------------------------------------------------
+# subjects
+# ------------------------------------------------------------------------------------------
+class _Voxels:
+    """Voxel set of the first subject: ``i, j, k`` coordinates, grid and affine."""
+
+    def __init__(self, template: xr.DataArray | None, n_voxels: int) -> None:
+        self.n_voxels = n_voxels
+        self.ijk: np.ndarray | None = None
+        self.affine: np.ndarray | None = None
+        self.shape: tuple[int, int, int] | None = None
+        if template is not None and all(c in template.coords for c in ("i", "j", "k")):
+            self.ijk = np.stack([np.asarray(template[c].values) for c in ("i", "j", "k")],
+                                axis=1)
+        if template is not None:
+            if "affine" in template.attrs:
+                self.affine = np.asarray(template.attrs["affine"], dtype=float)
+            if "shape" in template.attrs:
+                self.shape = tuple(int(s) for s in template.attrs["shape"])
+
+    def check(self, template: xr.DataArray | None, n_voxels: int, index: int) -> None:
+        if n_voxels != self.n_voxels:
+            raise ValueError(f"subject {index} has {n_voxels} voxels, the first one "
+                             f"{self.n_voxels}: apply the same group mask to every run")
+        if self.ijk is None or template is None:
+            return
+        if not all(c in template.coords for c in ("i", "j", "k")):
+            raise ValueError(f"subject {index} has no i, j, k voxel coordinates")
+        for col, c in enumerate(("i", "j", "k")):
+            if not np.array_equal(np.asarray(template[c].values), self.ijk[:, col]):
+                raise ValueError(
+                    f"subject {index}: voxel coordinates ({c}) differ from the first "
+                    "subject's; apply the same group mask (same voxel order) to every run")
+
+
+def _load(item: SubjectLike, index: int) -> tuple[da.Array, xr.DataArray | None]:
+    """A subject as a float64 ``(time, voxel)`` dask array (one chunk along time)."""
+    if callable(item) and not isinstance(item, xr.DataArray | da.Array | np.ndarray):
+        item = item()
+    template = None
+    if isinstance(item, xr.DataArray):
+        if set(item.dims) != {"time", "voxel"}:
+            raise ValueError(f"subject {index}: dims must be (time, voxel), got {item.dims}")
+        template = item.transpose("time", "voxel")
+        data = template.data
+    else:
+        data = item
+    if not isinstance(data, da.Array):
+        data = np.asarray(data)
+        data = da.from_array(data, chunks=(-1, max(1, min(data.shape[-1], 8192))))
+    if data.ndim != 2:
+        raise ValueError(f"subject {index}: expected a 2-D (time, voxel) array, got "
+                         f"shape {data.shape}")
+    if data.dtype != np.float64:
+        data = data.astype(np.float64)
+    return data, template
+
+
+def _check_subjects(subjects: Any) -> None:
+    if isinstance(subjects, xr.DataArray | da.Array | np.ndarray | str):
+        raise TypeError("pass a sequence (or an iterable) of subjects, not a single array")
+
+
+def _shuffled(subjects: Iterable[Any], rng: np.random.Generator,
+              buffer: int) -> Iterator[tuple[int, Any]]:
+    """``(position, subject)`` in a seeded random order.
+
+    A sequence is fully permuted (items are accessed by index, in the permuted order); any
+    other iterable is consumed lazily through a shuffle buffer of ``buffer`` items, so that a
+    generator of thousands of subjects never has more than ``buffer`` of them open.
+    """
+    if isinstance(subjects, Sequence):
+        for i in rng.permutation(len(subjects)):
+            yield int(i), subjects[int(i)]
+        return
+    pool: list[tuple[int, Any]] = []
+    for i, item in enumerate(subjects):
+        pool.append((i, item))
+        if len(pool) >= buffer:
+            yield pool.pop(int(rng.integers(len(pool))))
+    while pool:
+        yield pool.pop(int(rng.integers(len(pool))))
+
+
+def _block_size(block_size: int | None, rows: int, n_voxels: int) -> int:
+    if block_size is None:
+        block_size = max(_MIN_BLOCK, _BLOCK_BYTES // (8 * max(rows, 1)))
+    return int(max(1, min(block_size, n_voxels)))
+
+
+# ------------------------------------------------------------------------------------------
+# temporary (rows, voxel) arrays
+# ------------------------------------------------------------------------------------------
+class _Scratch:
+    """Temporary ``(rows, voxel)`` arrays: a Zarr group (default) or cluster memory.
+
+    Parameters
+    ----------
+    workdir : None, str, path or "memory"
+        None: a new local temporary directory, deleted by :meth:`close`. A path or fsspec
+        URL: a uniquely named sub-group is created there and deleted by :meth:`close`.
+        ``"memory"``: arrays are persisted with :meth:`dask.array.Array.persist` instead.
+    storage_options : dict, optional
+        fsspec options for a URL ``workdir``.
+    """
+
+    def __init__(self, workdir: Any = None, storage_options: dict | None = None) -> None:
+        import zarr
+
+        self.memory = isinstance(workdir, str) and workdir == "memory"
+        self._tmpdir: str | None = None
+        self._parent = None
+        self._name = f"boldflow-group-{uuid.uuid4().hex[:12]}"
+        if self.memory:
+            self.group = None
+            return
+        if workdir is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="boldflow-group-")
+            self.group = zarr.open_group(self._tmpdir, mode="w", zarr_format=3)
+        else:
+            self._parent = zarr.open_group(str(workdir), mode="a", zarr_format=3,
+                                           storage_options=storage_options)
+            self.group = self._parent.create_group(self._name)
+
+    def put(self, name: str, x: da.Array, block: int) -> da.Array:
+        """Materialise ``x`` (2-D) and return a lazy array reading it back."""
+        x = x.rechunk((x.shape[0], block))
+        if self.memory:
+            return x.persist()
+        z = self.group.create_array(name=name, shape=x.shape, dtype=x.dtype,
+                                    chunks=(x.shape[0], block), compressors=None,
+                                    fill_value=0.0, overwrite=True)
+        da.store(x, z, lock=False)
+        return da.from_zarr(z, chunks=(x.shape[0], block))
+
+    def drop(self, name: str) -> None:
+        if self.group is not None and name in self.group:
+            del self.group[name]
+
+    def close(self) -> None:
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+        elif self._parent is not None:
+            if self._name in self._parent:
+                del self._parent[self._name]
+            self._parent = None
+
+    def __enter__(self) -> _Scratch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------
+# small linear algebra over voxel blocks
+# ------------------------------------------------------------------------------------------
+def _block_gram(block: np.ndarray) -> np.ndarray:
+    return (block @ block.T)[:, :, None]
+
+
+def _gram(x: da.Array) -> np.ndarray:
+    """``x @ x.T`` (rows x rows) summed over voxel blocks: one bounded compute.
+
+    Each ``(rows, block)`` column block is one task, used once (its rows are merged first):
+    with several row chunks, ``x @ x.T`` would use every block in several partial products,
+    and the scheduler may then keep all of ``x`` in memory until the last one runs.
+    """
+    x = x.rechunk({0: -1})
+    n = x.shape[0]
+    parts = da.blockwise(_block_gram, "ijb", x, "kb", new_axes={"i": n, "j": n},
+                         adjust_chunks={"b": 1}, concatenate=True, dtype=np.float64)
+    return np.asarray(parts.sum(axis=2).compute())
+
+
+def _top_eigh(gram: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` largest eigenvalues (descending, clipped at 0) and their eigenvectors."""
+    vals, vecs = np.linalg.eigh((gram + gram.T) / 2)
+    order = np.argsort(vals)[::-1][:n]
+    return np.clip(vals[order], 0.0, None), vecs[:, order]
+
+
+def _left_multiply(block: np.ndarray, m: np.ndarray) -> np.ndarray:
+    return m @ block
+
+
+def _project(basis_t: np.ndarray, x: da.Array) -> da.Array:
+    """``basis_t @ x`` (``(n, rows) @ (rows, voxel)``), lazily, one voxel block per task."""
+    x = x.rechunk({0: -1})
+    return x.map_blocks(_left_multiply, m=basis_t, chunks=(basis_t.shape[0], x.chunks[1]),
+                        dtype=np.float64)
+
+
+def _vn_block(block: np.ndarray, u: np.ndarray | None = None) -> np.ndarray:
+    """Demean one ``(time, voxel)`` block and, with ``u``, divide by the robust noise std."""
+    y = block - block.mean(axis=0)
+    if u is None:
+        return y
+    resid = y - u @ (u.T @ y)
+    std = np.sqrt((resid**2).sum(axis=0) / max(y.shape[0] - 1, 1))
+    return y / np.maximum(std, _VN_FLOOR)
+
+
+def _normalise(x: da.Array, variance_normalize: bool) -> da.Array:
+    """Demeaned (and robustly variance-normalised) subject data, lazily.
+
+    The noise std of each voxel is the std (ddof=1) of its residual after removing the top
+    ``min(30, T // 2)`` temporal components of the demeaned data (eigenvectors of the
+    ``T x T`` Gram matrix, computed over voxel blocks in one pass), floored at 0.001, as the
+    variance normalisation of MIGP/MELODIC (Smith et al. 2014).
+    """
+    u = None
+    if variance_normalize:
+        t = x.shape[0]
+        r = min(_VN_COMPONENTS, t // 2)
+        if r > 0:
+            centred = x.map_blocks(_vn_block, u=None, dtype=np.float64)
+            _, u = _top_eigh(_gram(centred), r)
+    return x.map_blocks(_vn_block, u=u, dtype=np.float64)
+
+
+def _blas_threads(size: int) -> threadpool_limits:
+    """One BLAS thread for small in-memory problems (threads only add overhead there and
+    contend with Dask's worker threads); no limit for large ones."""
+    return threadpool_limits(limits=1 if size <= _SINGLE_THREAD_SIZE else None,
+                             user_api="blas")
+
+
+def _flip_rows(maps: np.ndarray) -> np.ndarray:
+    """Deterministic sign: each row's largest-magnitude entry positive."""
+    idx = np.argmax(np.abs(maps), axis=1)
+    signs = np.sign(maps[np.arange(maps.shape[0]), idx])
+    signs[signs == 0] = 1.0
+    return maps * signs[:, None]
+
+
+# ------------------------------------------------------------------------------------------
+# MIGP
+# ------------------------------------------------------------------------------------------
+class MIGP(BaseEstimator):
+    """MELODIC's Incremental Group-PCA, streamed over subjects with bounded memory.
+
+    Parameters
+    ----------
+    n_components : int
+        Number of group spatial eigenmaps kept (``d_out``).
+    d_internal : int, optional
+        Rows of the running basis ``W`` after each reduction. Default: ``2 * T`` (``T`` the
+        number of volumes of the first subject processed), and at least ``n_components``.
+    variance_normalize : bool, default=True
+        Divide each voxel by its robust noise std (see Notes) after demeaning.
+    random_state : int or None, default=0
+        Seed of the order in which the subjects are processed.
+    workdir : None, str, path or "memory", default=None
+        Where the ``(rows, voxel)`` intermediates live (see the module docstring): None, a
+        local temporary directory; a path or fsspec URL (shared by the workers of a
+        multi-machine cluster); ``"memory"``, persisted in (cluster) memory.
+    block_size : int, optional
+        Voxels per block of the intermediates. Default: about 32 MiB per
+        ``(d_internal + T, block)`` float64 block.
+    shuffle_buffer : int, default=16
+        For an iterable that is not a sequence (a generator), the subjects are shuffled
+        through a buffer of this many items instead of a full permutation.
+    storage_options : dict, optional
+        fsspec options of a URL ``workdir``.
+
+    Attributes
+    ----------
+    components_ : numpy.ndarray, shape (n_components, n_voxels)
+        Top rows of the final ``W``: spatial eigenmaps, each scaled by its singular value
+        (``singular_values_[i] * v_i`` with ``v_i`` of unit norm), as MIGP outputs them.
+        Sign: each row's largest-magnitude voxel is positive.
+    singular_values_ : numpy.ndarray, shape (n_components,)
+        Norms of the rows of ``components_`` (square roots of the eigenvalues of ``W W^T``).
+    d_internal_ : int
+        The internal dimension used.
+    n_subjects_ : int
+        Number of subjects processed.
+    n_features_in_ : int
+        Number of voxels.
+    subject_order_ : numpy.ndarray of int
+        Position (in the input) of the subject processed at each step.
+    w_rows_ : list of int
+        Rows of ``W`` held after each subject (never more than ``d_internal_ + T``).
+    block_size_ : int
+        Voxels per block used.
+    voxel_ijk_ : numpy.ndarray, shape (n_voxels, 3) or None
+        Voxel indices (the ``i, j, k`` coordinates of the inputs).
+    affine_ : numpy.ndarray, shape (4, 4) or None
+    shape_ : tuple of int or None
+        The 3D grid of the inputs.
+
+    Notes
+    -----
+    Algorithm (Smith et al., NeuroImage 2014): for each subject ``Y_s`` (``T x V``), in a
+    random order: demean each voxel over time; if ``variance_normalize``, divide each voxel
+    by ``max(std(R), 0.001)`` where ``R`` is the residual after removing the top
+    ``min(30, T // 2)`` temporal components of the demeaned data (``std`` with ddof=1); then
+    ``W = [W; Y_s]`` and, when ``W`` has more than ``d_internal`` rows,
+    ``W <- U^T W`` with ``U`` the top ``d_internal`` eigenvectors of ``W W^T``. A final
+    eigendecomposition of ``W W^T`` gives the output rows (so that the last subjects count
+    even when they did not trigger a reduction).
+
+    Each subject's data are read twice (the Gram matrix for the variance normalisation,
+    then the normalised data, written to ``workdir``); each reduction reads ``W`` and the
+    new rows twice (Gram matrix, then ``U^T W``, written to ``workdir``). Each compute
+    returns a ``rows x rows`` matrix or writes blocks: per-process memory is a few
+    ``(d_internal + T, block_size)`` blocks, whatever ``n_voxels`` and the number of
+    subjects.
+    """
+
+    def __init__(self, n_components: int, *, d_internal: int | None = None,
+                 variance_normalize: bool = True, random_state: int | None = 0,
+                 workdir: Any = None, block_size: int | None = None,
+                 shuffle_buffer: int = 16, storage_options: dict | None = None) -> None:
+        self.n_components = n_components
+        self.d_internal = d_internal
+        self.variance_normalize = variance_normalize
+        self.random_state = random_state
+        self.workdir = workdir
+        self.block_size = block_size
+        self.shuffle_buffer = shuffle_buffer
+        self.storage_options = storage_options
+
+    def fit(self, subjects: Iterable[SubjectLike], y: None = None) -> MIGP:
+        """Stream the subjects and compute the group spatial eigenmaps.
+
+        Parameters
+        ----------
+        subjects : sequence or iterable of DataArray (or callables returning one)
+            ``(time, voxel)`` masked data of each subject, same voxels for all.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        MIGP
+            self.
+        """
+        _check_subjects(subjects)
+        k = int(self.n_components)
+        if k < 1:
+            raise ValueError(f"n_components must be >= 1, got {self.n_components}")
+        rng = np.random.default_rng(self.random_state)
+        order: list[int] = []
+        rows_seen: list[int] = []
+        voxels: _Voxels | None = None
+        d_int = block = 0
+        w: da.Array | None = None
+        live: list[str] = []
+        with _Scratch(self.workdir, self.storage_options) as scratch:
+            for step, (position, item) in enumerate(
+                    _shuffled(subjects, rng, max(1, int(self.shuffle_buffer)))):
+                x, template = _load(item, position)
+                t, n_vox = x.shape
+                if voxels is None:
+                    voxels = _Voxels(template, n_vox)
+                    d_int = int(self.d_internal) if self.d_internal else 2 * t
+                    d_int = max(d_int, k)
+                    block = _block_size(self.block_size, d_int + t, n_vox)
+                else:
+                    voxels.check(template, n_vox, position)
+                x = x.rechunk((-1, block))
+                name = f"y{step}"
+                y_s = scratch.put(name, _normalise(x, self.variance_normalize), block)
+                live.append(name)
+                z = y_s if w is None else da.concatenate([w, y_s], axis=0)
+                if z.shape[0] > d_int:
+                    _, vecs = _top_eigh(_gram(z), d_int)
+                    name = f"w{step}"
+                    w = scratch.put(name, _project(vecs.T, z), block)
+                    for old in live:
+                        scratch.drop(old)
+                    live = [name]
+                else:
+                    w = z
+                order.append(position)
+                rows_seen.append(int(w.shape[0]))
+            if w is None:
+                raise ValueError("no subject given")
+            if w.shape[0] < k:
+                raise ValueError(f"n_components={k} exceeds the {w.shape[0]} rows of the "
+                                 "group data")
+            vals, vecs = _top_eigh(_gram(w), k)
+            comps = np.asarray(_project(vecs.T, w).compute())
+        self.components_ = _flip_rows(comps)
+        self.singular_values_ = np.sqrt(vals)
+        self.d_internal_ = d_int
+        self.n_subjects_ = len(order)
+        self.n_features_in_ = voxels.n_voxels
+        self.subject_order_ = np.asarray(order, dtype=int)
+        self.w_rows_ = rows_seen
+        self.block_size_ = block
+        self.voxel_ijk_ = voxels.ijk
+        self.affine_ = voxels.affine
+        self.shape_ = voxels.shape
+        return self
+
+
+# ------------------------------------------------------------------------------------------
+# CanICA-style reduction and unmixing
+# ------------------------------------------------------------------------------------------
+def _canica_reduce(subjects: Iterable[SubjectLike], k: int, *, do_cca: bool,
+                   random_state: Any, n_power_iter: int, scratch: _Scratch,
+                   block_size: int | None) -> tuple[np.ndarray, np.ndarray, _Voxels, int, int]:
+    """Per-subject PCA, stacking, randomized SVD: nilearn ``_MultiPCA`` over voxel blocks.
+
+    Returns the group components ``(k, V)`` (unit rows), their singular values, the voxel
+    set, the number of subjects and the block size.
+    """
+    parts: list[da.Array] = []
+    voxels: _Voxels | None = None
+    block = 0
+    for s, item in enumerate(subjects):
+        x, template = _load(item, s)
+        t, n_vox = x.shape
+        if voxels is None:
+            voxels = _Voxels(template, n_vox)
+            block = _block_size(block_size, max(t, k), n_vox)
+        else:
+            voxels.check(template, n_vox, s)
+        x = x.rechunk((-1, block))
+        # nilearn: SVD of the cleaned data (not re-centred), keep min(k, T) rows U^T X = S V^T
+        vals, vecs = _top_eigh(_gram(x), min(k, t))
+        rows = _project(vecs.T, x)
+        if do_cca:  # each row divided by its L2 norm (= its singular value)
+            norms = np.sqrt(vals)
+            norms[norms == 0] = 1.0
+            rows = rows / norms[:, None]
+        name = f"pca{s}"
+        parts.append(scratch.put(name, rows, block))
+    if voxels is None:
+        raise ValueError("no subject given")
+    stacked = da.concatenate(parts, axis=0)
+    # one task per column block of the whole stack (blocks used once per pass), of bounded size
+    stacked = stacked.rechunk((-1, _block_size(block_size, stacked.shape[0], voxels.n_voxels)))
+    if stacked.shape[0] < k:
+        raise ValueError(f"n_components={k} exceeds the {stacked.shape[0]} stacked subject "
+                         "components")
+    seed = random_state if isinstance(random_state, int | np.integer) else (
+        check_random_state(random_state).randint(np.iinfo(np.int32).max))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=da.PerformanceWarning)
+        _, sv, v = da.linalg.svd_compressed(stacked, k, iterator="QR",
+                                            n_power_iter=n_power_iter, seed=int(seed),
+                                            compute=True)
+        sv, v = dask.compute(sv, v)
+    return np.asarray(v), np.asarray(sv), voxels, len(parts), block
+
+
+def _threshold_ratio(threshold: Any, k: int) -> float | None:
+    if threshold is None:
+        return None
+    if isinstance(threshold, str):
+        if threshold == "auto":
+            return 1.0
+        raise ValueError(f"threshold must be None, 'auto' or a float, got {threshold!r}")
+    ratio = float(threshold)
+    if not 0 <= ratio <= k:
+        raise ValueError(f"threshold must be in [0, n_components={k}], got {threshold}")
+    return ratio
+
+
+def _apply_threshold(maps: np.ndarray, ratio: float | None) -> np.ndarray:
+    """nilearn's CanICA threshold: keep about ``ratio * n_voxels`` voxels over all maps."""
+    if ratio is None:
+        return maps
+    abs_maps = np.abs(maps)
+    percentile = 100.0 - (100.0 / len(maps)) * ratio
+    if percentile <= 0:
+        warnings.warn(f"critical threshold (percentile {percentile}); no threshold applied",
+                      UserWarning, stacklevel=3)
+        return maps
+    cut = scoreatpercentile(abs_maps, percentile)
+    out = maps.copy()
+    out[abs_maps < cut] = 0.0
+    return out
+
+
+def _canica_unmix(components: np.ndarray, *, n_init: int, random_state: Any,
+                  threshold: Any, max_iter: int = 200, tol: float = 1e-4
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+    """``CanICA._unmix_components`` of nilearn 0.14, on ``(n_voxels, k)`` components.
+
+    Returns the ``(k, n_voxels)`` maps, the maximum L1 norm of each run's maps and the index
+    of the run kept.
+    """
+    rs = check_random_state(random_state)
+    seeds = rs.randint(np.iinfo(np.int32).max, size=n_init)
+    x = np.asarray(components, dtype=np.float64)
+    runs, scores = [], []
+    for seed in seeds:
+        with _blas_threads(x.size):
+            _, _, sources = fastica(x, whiten="arbitrary-variance", fun="cube",
+                                    random_state=seed, max_iter=max_iter, tol=tol)
+        maps = sources.T
+        runs.append(maps)
+        scores.append(np.sum(np.abs(maps), axis=1).max())
+    best = int(np.argmin(scores))  # first minimum, as nilearn's min(..., key=...)
+    maps = _apply_threshold(runs[best], _threshold_ratio(threshold, x.shape[1]))
+    maps = maps.astype(np.asarray(components).dtype, copy=True)
+    for row in maps:
+        if row.max() < -row.min():
+            row *= -1
+    return maps, np.asarray(scores), best
+
+
+def _melodic_unmix(eigenmaps: np.ndarray, *, random_state: Any, fun: str,
+                   max_iter: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Spatial FastICA of ``(k, V)`` eigenmaps: z-scored, positive-skew maps by variance.
+
+    Returns the maps and the mixing matrix ``(k, k)`` (eigenmaps ~ mixing @ sources before
+    the z-scoring of the sources), columns in the order of the maps.
+    """
+    x = np.asarray(eigenmaps, dtype=np.float64).T  # voxels are the samples
+    seed = check_random_state(random_state).randint(np.iinfo(np.int32).max)
+    with _blas_threads(x.size):
+        _, _, sources = fastica(x, whiten="unit-variance", fun=fun, random_state=seed,
+                                max_iter=max_iter, tol=tol)
+    centred = x - x.mean(axis=0)
+    mixing = np.linalg.lstsq(sources, centred, rcond=None)[0].T  # (k_pca, k_ica)
+    energy = (mixing**2).sum(axis=0) * (sources**2).sum(axis=0)
+    order = np.argsort(energy)[::-1]
+    sources, mixing = sources[:, order], mixing[:, order]
+    maps = sources.T - sources.mean(axis=0)[:, None]
+    std = maps.std(axis=1, ddof=1)
+    std[std == 0] = 1.0
+    mixing = mixing * std[None, :]
+    maps = maps / std[:, None]
+    sign = np.where((maps**3).mean(axis=1) < 0, -1.0, 1.0)
+    return maps * sign[:, None], mixing * sign[None, :]
+
+
+# ------------------------------------------------------------------------------------------
+# Group ICA
+# ------------------------------------------------------------------------------------------
+class GroupICA(BaseEstimator):
+    """Multi-subject spatial ICA with bounded memory: MIGP (MELODIC) or CanICA-style.
+
+    Parameters
+    ----------
+    n_components : int, default=20
+        Number of group components.
+    method : {"migp", "canica"}, default="migp"
+        ``"migp"``: :class:`MIGP` group PCA, then spatial FastICA (MELODIC concat-ICA).
+        ``"canica"``: nilearn ``CanICA`` semantics (per-subject PCA, CCA, randomized SVD,
+        ``n_init`` FastICA runs).
+    n_init : int, default=10
+        FastICA restarts (``"canica"``; the run with the smallest maximum L1 norm of its
+        maps is kept). ``"migp"`` runs FastICA once.
+    random_state : int or None, default=0
+        Seed (subject order of MIGP, randomized SVD, FastICA initialisations).
+    threshold : None, "auto" or float, default="auto"
+        ``"canica"``: nilearn semantics - ``"auto"`` keeps about ``n_voxels`` voxels over all
+        the maps (ratio 1), a float is that ratio (in ``[0, n_components]``), None keeps
+        everything. ``"migp"``: ``"auto"`` means no threshold (z-maps, as MELODIC before its
+        mixture-model step); a float is the same ratio as for ``"canica"``.
+    do_cca : bool, default=True
+        ``"canica"``: divide each subject component by its norm before the group SVD.
+    d_internal : int, optional
+        ``"migp"``: see :class:`MIGP`.
+    variance_normalize : bool, default=True
+        ``"migp"``: see :class:`MIGP`.
+    fun : {"cube", "logcosh", "exp"}, default="cube"
+        ``"migp"``: FastICA non-linearity (``"cube"`` is MELODIC's default ``pow3``);
+        ``"canica"`` always uses ``"cube"``, as nilearn.
+    n_power_iter : int, default=3
+        ``"canica"``: power (QR) iterations of the randomized SVD (nilearn uses 3).
+    max_iter : int, default=200
+        FastICA iterations.
+    tol : float, default=1e-4
+        FastICA tolerance.
+    workdir, block_size, storage_options
+        Temporary storage of the ``(rows, voxel)`` intermediates; see :class:`MIGP`.
+
+    Attributes
+    ----------
+    components_ : numpy.ndarray, shape (n_components, n_voxels)
+        Group maps (``"migp"``: z-scored, positive skew, by decreasing explained variance;
+        ``"canica"``: nilearn's scaling and order, thresholded, peak positive).
+    pca_components_ : numpy.ndarray, shape (n_components, n_voxels)
+        The group PCA maps given to FastICA (MIGP eigenmaps, or CanICA's right singular
+        vectors of the stacked subject components).
+    mixing_ : numpy.ndarray, shape (n_components, n_components)
+        ``"migp"``: ``pca_components_ ~ mixing_ @ components_`` (before thresholding).
+    migp_ : MIGP or None
+        The fitted group PCA (``"migp"``).
+    init_scores_ : numpy.ndarray or None
+        ``"canica"``: maximum L1 norm of the maps of each FastICA run; ``best_init_`` the
+        run kept.
+    n_subjects_ : int
+    n_features_in_ : int
+        Number of voxels.
+    voxel_ijk_ : numpy.ndarray, shape (n_voxels, 3) or None
+        Voxel indices of the maps.
+    affine_ : numpy.ndarray (4, 4) or None
+    shape_ : tuple of int or None
+        The 3D grid (for :meth:`components_img`).
+
+    Examples
+    --------
+    >>> subjects = [clean_signals(apply_mask(open_run(store, subject=s), mask)  # doctest: +SKIP
+    ...             for s in ("01", "02")]
+    >>> ica = GroupICA(10, method="migp").fit(subjects)  # doctest: +SKIP
+    >>> img = ica.components_img(dim="time")  # doctest: +SKIP
+    >>> storage.to_nifti(img, "desc-migp_components.nii.gz")  # doctest: +SKIP
+    """
+
+    def __init__(self, n_components: int = 20, *, method: Literal["migp", "canica"] = "migp",
+                 n_init: int = 10, random_state: int | None = 0,
+                 threshold: Literal["auto"] | float | None = "auto", do_cca: bool = True,
+                 d_internal: int | None = None, variance_normalize: bool = True,
+                 fun: str = "cube", n_power_iter: int = 3, max_iter: int = 200,
+                 tol: float = 1e-4, workdir: Any = None, block_size: int | None = None,
+                 storage_options: dict | None = None) -> None:
+        self.n_components = n_components
+        self.method = method
+        self.n_init = n_init
+        self.random_state = random_state
+        self.threshold = threshold
+        self.do_cca = do_cca
+        self.d_internal = d_internal
+        self.variance_normalize = variance_normalize
+        self.fun = fun
+        self.n_power_iter = n_power_iter
+        self.max_iter = max_iter
+        self.tol = tol
+        self.workdir = workdir
+        self.block_size = block_size
+        self.storage_options = storage_options
+
+    def fit(self, subjects: Iterable[SubjectLike], y: None = None) -> GroupICA:
+        """Compute the group maps.
+
+        Parameters
+        ----------
+        subjects : sequence or iterable of DataArray (or callables returning one)
+            ``(time, voxel)`` masked (and cleaned) data of each subject, same voxels.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        GroupICA
+            self.
+        """
+        _check_subjects(subjects)
+        k = int(self.n_components)
+        ratio = _threshold_ratio(None if self.method == "migp" and self.threshold == "auto"
+                                 else self.threshold, k)
+        self.migp_ = None
+        self.init_scores_ = None
+        self.best_init_ = None
+        self.mixing_ = None
+        if self.method == "migp":
+            migp = MIGP(k, d_internal=self.d_internal,
+                        variance_normalize=self.variance_normalize,
+                        random_state=self.random_state, workdir=self.workdir,
+                        block_size=self.block_size,
+                        storage_options=self.storage_options).fit(subjects)
+            maps, mixing = _melodic_unmix(migp.components_, random_state=self.random_state,
+                                          fun=self.fun, max_iter=self.max_iter, tol=self.tol)
+            self.migp_ = migp
+            self.mixing_ = mixing
+            self.pca_components_ = migp.components_ / migp.singular_values_[:, None]
+            self.components_ = _apply_threshold(maps, ratio)
+            voxels = _Voxels(None, migp.n_features_in_)
+            voxels.ijk, voxels.affine, voxels.shape = (migp.voxel_ijk_, migp.affine_,
+                                                       migp.shape_)
+            n_subjects = migp.n_subjects_
+        elif self.method == "canica":
+            with _Scratch(self.workdir, self.storage_options) as scratch:
+                comps, _, voxels, n_subjects, _ = _canica_reduce(
+                    subjects, k, do_cca=self.do_cca, random_state=self.random_state,
+                    n_power_iter=self.n_power_iter, scratch=scratch,
+                    block_size=self.block_size)
+            maps, scores, best = _canica_unmix(comps.T, n_init=int(self.n_init),
+                                               random_state=self.random_state,
+                                               threshold=self.threshold,
+                                               max_iter=self.max_iter, tol=self.tol)
+            self.pca_components_ = comps
+            self.components_ = maps
+            self.init_scores_ = scores
+            self.best_init_ = best
+        else:
+            raise ValueError(f"method must be 'migp' or 'canica', got {self.method!r}")
+        self.n_subjects_ = n_subjects
+        self.n_features_in_ = voxels.n_voxels
+        self.voxel_ijk_ = voxels.ijk
+        self.affine_ = voxels.affine
+        self.shape_ = voxels.shape
+        return self
+
+    def components_img(self, *, dim: str = "component", fill: float = 0.0) -> xr.DataArray:
+        """The maps on the 3D grid: a ``(x, y, z, <dim>)`` DataArray.
+
+        Parameters
+        ----------
+        dim : str, default="component"
+            Name of the 4th dimension; ``dim="time"`` gives an array that
+            :func:`storage.to_nifti` writes as a 4D NIfTI (one volume per component).
+        fill : float, default=0.0
+            Value outside the mask.
+
+        Returns
+        -------
+        xarray.DataArray
+            NumPy-backed; attribute ``affine``.
+        """
+        if self.voxel_ijk_ is None or self.shape_ is None:
+            raise ValueError("the inputs had no i, j, k coordinates / shape attribute "
+                             "(use pipeline.masking.apply_mask)")
+        k = self.components_.shape[0]
+        out = np.full((*self.shape_, k), fill, dtype=self.components_.dtype)
+        ii, jj, kk = self.voxel_ijk_.T
+        out[ii, jj, kk, :] = self.components_.T
+        attrs = {} if self.affine_ is None else {"affine": self.affine_}
+        return xr.DataArray(out, dims=("x", "y", "z", dim), coords={dim: np.arange(k)},
+                            attrs=attrs, name="components")
