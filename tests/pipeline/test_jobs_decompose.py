@@ -6,9 +6,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.optimize import linear_sum_assignment
 
 from pipeline.config import ConfigError, load_config
+from pipeline.demo import network_recovery
 from pipeline.jobs import Pipeline
 from pipeline.simulate import load_truth, simulate_dataset
 
@@ -35,14 +35,6 @@ def _job(sim, out, store, **decompose):
             "decompose": {"n_components": 10, **decompose}}
 
 
-def _recovery(maps4d: np.ndarray, truth: dict) -> np.ndarray:
-    """Best-match |spatial correlation| of each true network map, inside the brain."""
-    mask = np.asarray(truth["mask"], dtype=bool)
-    est = maps4d[mask].T                       # (k, voxel)
-    true = np.asarray(truth["network_maps"])[:, mask]  # (K, voxel)
-    corr = np.abs(np.corrcoef(true, est)[: len(true), len(true):])
-    rows, cols = linear_sum_assignment(-corr)
-    return corr[rows, cols]
 
 
 def test_config_rules():
@@ -61,7 +53,7 @@ def test_group_ica_job_recovers_networks(tmp_path, sim, client, method):
     assert (result.runs["status"] != "failed").all(), result.runs["error"].tolist()
     img = nib.load(out / "group" / f"desc-{method}_components.nii.gz")
     assert img.shape == (20, 24, 20, 10)
-    r = _recovery(img.get_fdata(), load_truth(sim.root))
+    r = network_recovery(out / "group" / f"desc-{method}_components.nii.gz", load_truth(sim.root))
     assert np.median(r) >= 0.9 and r.min() >= 0.8, r
     # dual regression outputs per run
     func = out / "sub-03" / "func"
@@ -84,5 +76,5 @@ def test_subject_ica_job_exports(tmp_path, sim, client):
     assert maps.shape[3] == mixing.shape[1] == 10 and len(mixing) == 150
     melodic = func / f"{prefix}_desc-melodic.ica"
     np.testing.assert_allclose(np.loadtxt(melodic / "melodic_mix"), mixing.values, rtol=1e-6)
-    r = _recovery(maps.get_fdata(), load_truth(sim.root))
+    r = network_recovery(func / f"{prefix}_desc-ica_components.nii.gz", load_truth(sim.root))
     assert np.median(r) >= 0.8, r
