@@ -22,8 +22,10 @@ Steps (MELODIC, Beckmann & Smith 2004, as far as it applies):
    samples) gives the unmixing matrix; maps, mixing matrix, z-statistic maps, power spectra,
    explained variance and (optionally) thresholded maps follow in NumPy.
 
-The PCA step is a small private function, to be swapped for :mod:`pipeline.decomposition.pca`
-(TSQR / randomized) when that module lands; it only needs to return a :class:`_Reduction`.
+The PCA step is a small private function (:func:`_spatial_pca`, a Gram-matrix reduction),
+kept apart so that it can be swapped for :class:`pipeline.decomposition.pca.SubjectPCA`
+(TSQR / randomized): a replacement only needs to return a :class:`_Reduction` (note that
+MELODIC, and this module, also remove the mean time course over voxels).
 """
 
 from __future__ import annotations
@@ -419,7 +421,8 @@ class SubjectICA(BaseEstimator):
     residual_std_ : ndarray (n_voxels,)
         Residual standard deviation after the ``k``-dimensional model (dof ``T - k``).
     unmixing_ : ndarray (n_components, n_components)
-        FastICA unmixing matrix in the whitened PCA space (after sorting and flipping).
+        Unmixing matrix from the whitened PCA space (``maps_ = unmixing_ @ white``), after
+        the scaling, flipping and sorting of the components.
     n_iter_ : int
         FastICA iterations.
     i_, j_, k_ : ndarray (n_voxels,) of int or None

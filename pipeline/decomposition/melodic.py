@@ -112,7 +112,7 @@ def export_melodic(ica: SubjectICA, folder: str | os.PathLike, *,
     - ``stats/thresh_zstat<n>.nii.gz`` (n from 1) when the ICA was fitted with
       ``threshold``.
     """
-    ica._check_fitted()
+    ica.to_dataarray("z")  # fitted, with a grid: fail before writing anything
     folder = str(folder)
     _makedirs(folder, storage_options)
     out: dict[str, str] = {}
@@ -181,7 +181,7 @@ def export_ica_bids(ica: SubjectICA, prefix: str | os.PathLike, *,
     dict of str
         ``{"components": ..., "mixing": ...}`` plus the extras written.
     """
-    ica._check_fitted()
+    ica.to_dataarray("z")  # fitted, with a grid: fail before writing anything
     prefix = str(prefix)
     extra = set(extra)
     unknown = extra - {"thresholded", "spectra"}
