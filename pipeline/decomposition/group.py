@@ -51,6 +51,7 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from scipy import linalg
 from scipy.stats import scoreatpercentile
 from sklearn.base import BaseEstimator
 from sklearn.decomposition import fastica
@@ -373,9 +374,10 @@ class MIGP(BaseEstimator):
     by ``max(std(R), 0.001)`` where ``R`` is the residual after removing the top
     ``min(30, T // 2)`` temporal components of the demeaned data (``std`` with ddof=1); then
     ``W = [W; Y_s]`` and, when ``W`` has more than ``d_internal`` rows,
-    ``W <- U^T W`` with ``U`` the top ``d_internal`` eigenvectors of ``W W^T``. A final
-    eigendecomposition of ``W W^T`` gives the output rows (so that the last subjects count
-    even when they did not trigger a reduction).
+    ``W <- U^T W`` with ``U`` the top ``d_internal`` eigenvectors of ``W W^T``. The output
+    is the top ``n_components`` rows of ``W`` when the last subject triggered a reduction,
+    else of a final reduction (so that the last subjects count even when they did not
+    trigger one; Smith et al. take the top rows of ``W`` as it is).
 
     Each subject's data are read twice (the Gram matrix for the variance normalisation,
     then the normalised data, written to ``workdir``); each reduction reads ``W`` and the
@@ -423,6 +425,7 @@ class MIGP(BaseEstimator):
         voxels: _Voxels | None = None
         d_int = block = 0
         w: da.Array | None = None
+        w_vals: np.ndarray | None = None
         live: list[str] = []
         with _Scratch(self.workdir, self.storage_options) as scratch:
             for step, (position, item) in enumerate(
@@ -442,14 +445,14 @@ class MIGP(BaseEstimator):
                 live.append(name)
                 z = y_s if w is None else da.concatenate([w, y_s], axis=0)
                 if z.shape[0] > d_int:
-                    _, vecs = _top_eigh(_gram(z), d_int)
+                    w_vals, vecs = _top_eigh(_gram(z), d_int)
                     name = f"w{step}"
                     w = scratch.put(name, _project(vecs.T, z), block)
                     for old in live:
                         scratch.drop(old)
                     live = [name]
                 else:
-                    w = z
+                    w, w_vals = z, None
                 order.append(position)
                 rows_seen.append(int(w.shape[0]))
             if w is None:
@@ -457,8 +460,11 @@ class MIGP(BaseEstimator):
             if w.shape[0] < k:
                 raise ValueError(f"n_components={k} exceeds the {w.shape[0]} rows of the "
                                  "group data")
-            vals, vecs = _top_eigh(_gram(w), k)
-            comps = np.asarray(_project(vecs.T, w).compute())
+            if w_vals is not None:  # just reduced: W W^T = diag(w_vals), rows in order
+                vals, comps = w_vals[:k], np.asarray(w[:k].compute())
+            else:
+                vals, vecs = _top_eigh(_gram(w), k)
+                comps = np.asarray(_project(vecs.T, w).compute())
         self.components_ = _flip_rows(comps)
         self.singular_values_ = np.sqrt(vals)
         self.d_internal_ = d_int
@@ -524,6 +530,34 @@ def _canica_reduce(subjects: Iterable[SubjectLike], k: int, *, do_cca: bool,
     return np.asarray(v), np.asarray(sv), voxels, len(parts), block
 
 
+def _fastica(x: np.ndarray, *, whiten: str, fun: str, random_state: Any, max_iter: int,
+             tol: float) -> np.ndarray:
+    """Sources ``(n_samples, k)`` of :func:`sklearn.decomposition.fastica`, safely whitened.
+
+    The same computation as ``fastica(x, whiten=..., whiten_solver="svd")`` (PCA whitening
+    by the SVD of the centred data, then the parallel fixed-point iterations from the same
+    seeded initial matrix), except for one step: scikit-learn fixes the signs of the
+    whitening vectors with ``u *= np.sign(u[0])``, and an exact 0 in ``u[0]`` then zeroes a
+    whitened dimension, so that FastICA returns mixtures (or NaN). This happens with
+    orthonormal columns - exactly CanICA's input - whose singular values are all 1: LAPACK
+    then returns axis-aligned singular vectors (in the tests, for some subject orders or
+    block sizes). Here a zero counts as positive.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    xt = (x - x.mean(axis=0)).T
+    u, d = linalg.svd(xt, full_matrices=False, check_finite=False)[:2]
+    u *= np.where(u[0] < 0, -1.0, 1.0)
+    x1 = ((u / d).T @ xt) * np.sqrt(n)
+    with _blas_threads(x.size):
+        _, w, _ = fastica(x1.T, whiten=False, fun=fun, random_state=random_state,
+                          max_iter=max_iter, tol=tol)
+    sources = (w @ x1).T / np.sqrt(n)
+    if whiten == "unit-variance":
+        sources /= np.std(sources, axis=0, keepdims=True)
+    return sources
+
+
 def _threshold_ratio(threshold: Any, k: int) -> float | None:
     if threshold is None:
         return None
@@ -566,10 +600,8 @@ def _canica_unmix(components: np.ndarray, *, n_init: int, random_state: Any,
     x = np.asarray(components, dtype=np.float64)
     runs, scores = [], []
     for seed in seeds:
-        with _blas_threads(x.size):
-            _, _, sources = fastica(x, whiten="arbitrary-variance", fun="cube",
-                                    random_state=seed, max_iter=max_iter, tol=tol)
-        maps = sources.T
+        maps = _fastica(x, whiten="arbitrary-variance", fun="cube", random_state=seed,
+                        max_iter=max_iter, tol=tol).T
         runs.append(maps)
         scores.append(np.sum(np.abs(maps), axis=1).max())
     best = int(np.argmin(scores))  # first minimum, as nilearn's min(..., key=...)
@@ -590,9 +622,8 @@ def _melodic_unmix(eigenmaps: np.ndarray, *, random_state: Any, fun: str,
     """
     x = np.asarray(eigenmaps, dtype=np.float64).T  # voxels are the samples
     seed = check_random_state(random_state).randint(np.iinfo(np.int32).max)
-    with _blas_threads(x.size):
-        _, _, sources = fastica(x, whiten="unit-variance", fun=fun, random_state=seed,
-                                max_iter=max_iter, tol=tol)
+    sources = _fastica(x, whiten="unit-variance", fun=fun, random_state=seed,
+                       max_iter=max_iter, tol=tol)
     centred = x - x.mean(axis=0)
     mixing = np.linalg.lstsq(sources, centred, rcond=None)[0].T  # (k_pca, k_ica)
     energy = (mixing**2).sum(axis=0) * (sources**2).sum(axis=0)
@@ -657,8 +688,10 @@ class GroupICA(BaseEstimator):
     pca_components_ : numpy.ndarray, shape (n_components, n_voxels)
         The group PCA maps given to FastICA (MIGP eigenmaps, or CanICA's right singular
         vectors of the stacked subject components).
-    mixing_ : numpy.ndarray, shape (n_components, n_components)
-        ``"migp"``: ``pca_components_ ~ mixing_ @ components_`` (before thresholding).
+    mixing_ : numpy.ndarray, shape (n_components, n_components) or None
+        ``"migp"``: ``migp_.components_`` (the scaled eigenmaps), each demeaned over voxels,
+        ``~= mixing_ @ components_`` (before any thresholding); columns in the order of
+        the maps.
     migp_ : MIGP or None
         The fitted group PCA (``"migp"``).
     init_scores_ : numpy.ndarray or None
@@ -738,7 +771,8 @@ class GroupICA(BaseEstimator):
                                           fun=self.fun, max_iter=self.max_iter, tol=self.tol)
             self.migp_ = migp
             self.mixing_ = mixing
-            self.pca_components_ = migp.components_ / migp.singular_values_[:, None]
+            norms = np.where(migp.singular_values_ > 0, migp.singular_values_, 1.0)
+            self.pca_components_ = migp.components_ / norms[:, None]
             self.components_ = _apply_threshold(maps, ratio)
             voxels = _Voxels(None, migp.n_features_in_)
             voxels.ijk, voxels.affine, voxels.shape = (migp.voxel_ijk_, migp.affine_,
