@@ -19,23 +19,34 @@ run is only opened when its turn comes.
     decreasing explained variance. ``method="canica"``: nilearn's ``CanICA`` (Varoquaux et
     al. 2010): per-subject PCA, CCA normalisation, randomized SVD of the stacked subject
     components (:func:`dask.array.linalg.svd_compressed`), ``n_init`` FastICA runs keeping the
-    sparsest (smallest maximum L1 norm), thresholding and peak-positive signs, exactly as
-    ``nilearn.decomposition.CanICA._unmix_components``.
+    sparsest (smallest maximum L1 norm), thresholding and peak-positive signs, as
+    ``nilearn.decomposition.CanICA._unmix_components`` (same numbers up to rounding, see
+    :func:`_fastica` for the one deliberate difference).
 
 Memory
 ------
-Nothing of size ``(rows, n_voxels)`` is ever held by one process. Every ``(rows, voxel)``
-intermediate - MIGP's running ``W``, each subject's normalised data, CanICA's per-subject
-components - is written to a temporary Zarr array (``workdir``) in regular column blocks of
-``block_size`` voxels and read back lazily; all arithmetic over voxels runs one block at a
-time, and what is computed is small (``rows x rows`` Gram matrices, reduced to eigenvectors
-in NumPy). A task holds at most a few ``(rows, block_size)`` blocks. By default ``workdir`` is
-a local temporary directory, removed at the end of ``fit`` (fine with the threaded scheduler
-and with a ``LocalCluster``); on a multi-machine cluster give a shared path or an fsspec URL
-(``s3://bucket/tmp``). ``workdir="memory"`` instead persists the intermediates in the
-cluster's memory (faster for small problems, but then memory grows with ``rows x n_voxels``).
-The fitted maps themselves (``components_``, ``(n_components, n_voxels)``) are NumPy arrays,
-and the final ICA runs in memory on them (``n_voxels x n_components``).
+No ``(rows, n_voxels)`` array with ``rows`` growing with the data (MIGP's running ``W``,
+``(d_internal + T) x n_voxels``; each subject's normalised data; CanICA's stacked subject
+components, ``(n_subjects * k) x n_voxels``) is ever held by one process. Each is written to
+a temporary Zarr array (``workdir``) in regular column blocks of ``block_size`` voxels and
+read back lazily; all arithmetic over voxels runs one block at a time, each block used by
+one task per pass, and what is computed is small (``rows x rows`` Gram matrices, reduced to
+eigenvectors in NumPy). Per process this is a small multiple of one ``(rows, block_size)``
+block (default about 16 MiB) per worker thread, whatever the number of voxels and of
+subjects. By default ``workdir``
+is a local temporary directory, removed at the end of ``fit`` (fine with the threaded
+scheduler and with a ``LocalCluster``); on a multi-machine cluster give a shared path or an
+fsspec URL (``s3://bucket/tmp``). ``workdir="memory"`` instead persists the intermediates in
+the cluster's memory (faster for small problems, but then memory grows with
+``rows x n_voxels``).
+
+What is of the size of the *output* is held in memory: the fitted maps (``components_``,
+``(n_components, n_voxels)``, NumPy), the FastICA on them (``n_voxels x n_components``), and
+for CanICA the ``n_voxels x (n_components + 10)`` sketches that
+:func:`dask.array.linalg.svd_compressed` persists between its passes.
+
+With the threaded scheduler, limit BLAS to one thread per task
+(``threadpoolctl.threadpool_limits(1, "blas")``): Dask already runs one task per core.
 """
 
 from __future__ import annotations
@@ -61,7 +72,7 @@ from threadpoolctl import threadpool_limits
 __all__ = ["MIGP", "GroupICA"]
 
 #: Target bytes of one ``(rows, block)`` float64 block of the temporary arrays.
-_BLOCK_BYTES = 32 * 2**20
+_BLOCK_BYTES = 16 * 2**20
 #: Smallest default voxel block.
 _MIN_BLOCK = 256
 #: Components removed before estimating the noise std (robust variance normalisation).
@@ -190,7 +201,7 @@ class _Scratch:
         if self.memory:
             self.group = None
             return
-        if workdir is None:
+        if workdir is None or str(workdir) == "":
             self._tmpdir = tempfile.mkdtemp(prefix="boldflow-group-")
             self.group = zarr.open_group(self._tmpdir, mode="w", zarr_format=3)
         else:
@@ -257,15 +268,13 @@ def _top_eigh(gram: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(vals[order], 0.0, None), vecs[:, order]
 
 
-def _left_multiply(block: np.ndarray, m: np.ndarray) -> np.ndarray:
-    return m @ block
-
-
 def _project(basis_t: np.ndarray, x: da.Array) -> da.Array:
-    """``basis_t @ x`` (``(n, rows) @ (rows, voxel)``), lazily, one voxel block per task."""
+    """``basis_t @ x`` (``(n, rows) @ (rows, voxel)``), lazily, one voxel block per task.
+
+    The small basis is one graph key shared by all the tasks (not a copy per task).
+    """
     x = x.rechunk({0: -1})
-    return x.map_blocks(_left_multiply, m=basis_t, chunks=(basis_t.shape[0], x.chunks[1]),
-                        dtype=np.float64)
+    return da.from_array(np.asarray(basis_t, dtype=np.float64), chunks=-1) @ x
 
 
 def _vn_block(block: np.ndarray, u: np.ndarray | None = None) -> np.ndarray:
@@ -333,7 +342,7 @@ class MIGP(BaseEstimator):
         local temporary directory; a path or fsspec URL (shared by the workers of a
         multi-machine cluster); ``"memory"``, persisted in (cluster) memory.
     block_size : int, optional
-        Voxels per block of the intermediates. Default: about 32 MiB per
+        Voxels per block of the intermediates. Default: about 16 MiB per
         ``(d_internal + T, block)`` float64 block.
     shuffle_buffer : int, default=16
         For an iterable that is not a sequence (a generator), the subjects are shuffled
