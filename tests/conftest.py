@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -79,45 +80,41 @@ def _dask_cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "dask"]
 
 
-@pytest.fixture(scope="module")
-def dask_processes(tmp_path_factory):
-    """A ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1.
+@contextlib.contextmanager
+def dask_cluster_processes(workdir: Path, n_workers: int = 2, *,
+                           worker_args: tuple[str, ...] = ("--memory-limit", "2GiB")):
+    """Start ``dask scheduler`` + ``n_workers`` ``dask worker`` processes on 127.0.0.1.
 
-    Yields ``(address, procs)`` where ``procs["workers"]`` are the worker Popen objects
-    (tests may kill them). Everything is torn down afterwards.
+    Yields ``(address, scheduler_popen, worker_popens)``; tests may kill workers. Every
+    process is stopped on exit.
     """
     from distributed import Client
 
-    tmp_path = tmp_path_factory.mktemp("dask")
+    workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    workdir = tmp_path / "dask-cwd"
-    workdir.mkdir()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "dask.log", "w")  # noqa: SIM115 - closed in the finally below
-    sched_cmd = [*_dask_cli(), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                 "--dashboard-address", ":0"]
-    sched = subprocess.Popen(sched_cmd, cwd=workdir, env=env, stdout=log,
-                             stderr=subprocess.STDOUT)
-    workers = []
-    for i in range(2):
-        cmd = [*_dask_cli(), "worker", address, "--nthreads", "1", "--memory-limit", "2GiB",
-               "--host", "127.0.0.1", "--local-directory", str(workdir / f"w{i}"),
-               "--no-dashboard"]
-        workers.append(subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log,
-                                        stderr=subprocess.STDOUT))
+    log = open(workdir / "dask.log", "w")  # noqa: SIM115 - closed in the finally below
+    sched = subprocess.Popen([*_dask_cli(), "scheduler", "--host", "127.0.0.1", "--port",
+                              str(port), "--dashboard-address", ":0"],
+                             cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    workers = [subprocess.Popen([*_dask_cli(), "worker", address, "--nthreads", "1",
+                                 "--host", "127.0.0.1", "--no-dashboard",
+                                 "--local-directory", str(workdir / f"w{i}"), *worker_args],
+                                cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+               for i in range(n_workers)]
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
                 with Client(address, timeout=5) as client:
-                    client.wait_for_workers(2, timeout=60)
+                    client.wait_for_workers(n_workers, timeout=60)
                 break
             except OSError:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.5)
-        yield address, {"scheduler": sched, "workers": workers}
+                time.sleep(0.3)
+        yield address, sched, workers
     finally:
         for p in [*workers, sched]:
             p.terminate()
@@ -127,4 +124,15 @@ def dask_processes(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 p.kill()
         log.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def dask_processes(tmp_path_factory):
+    """A ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1.
+
+    Yields ``(address, procs)`` where ``procs["workers"]`` are the worker Popen objects.
+    """
+    workdir = tmp_path_factory.mktemp("dask") / "dask-cwd"
+    with dask_cluster_processes(workdir) as (address, sched, workers):
+        yield address, {"scheduler": sched, "workers": workers}
+    shutil.rmtree(workdir, ignore_errors=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,45 +15,18 @@ import zarr
 import storage
 from pipeline.jobs import Pipeline
 from pipeline.simulate import simulate_dataset
-from tests.conftest import _dask_cli, free_port
+from tests.conftest import dask_cluster_processes
 
 pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture
 def three_workers(tmp_path):
-    """``dask scheduler`` + 3 ``dask worker`` processes on 127.0.0.1 (one will be killed)."""
-    from distributed import Client
-
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    log = open(tmp_path / "dask.log", "w")  # noqa: SIM115 - closed below
-    procs = [subprocess.Popen([*_dask_cli(), "scheduler", "--host", "127.0.0.1", "--port",
-                               str(port), "--dashboard-address", ":0"], cwd=tmp_path,
-                              stdout=log, stderr=subprocess.STDOUT)]
-    for i in range(3):
-        procs.append(subprocess.Popen(
-            [*_dask_cli(), "worker", address, "--nthreads", "1", "--memory-limit", "1GiB",
-             "--host", "127.0.0.1", "--no-dashboard", "--no-nanny",
-             "--local-directory", str(tmp_path / f"w{i}")],
-            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT))
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with Client(address, timeout=5) as c:
-                    c.wait_for_workers(3, timeout=60)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
-        yield address, procs[1:]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-        log.close()
+    """``dask scheduler`` + 3 ``dask worker`` processes (no nanny: a killed one stays dead)."""
+    with dask_cluster_processes(tmp_path / "dask", 3,
+                                worker_args=("--memory-limit", "1GiB", "--no-nanny")) as (
+            address, _, workers):
+        yield address, workers
 
 
 def _job(sim, out, store):
