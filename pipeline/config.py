@@ -166,6 +166,8 @@ class JobConfig(_Section):
     runs: list[str] | None = None
     space: str | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    # largest voxel block x all volumes a task holds (float64): memory per worker thread
+    block_bytes: str = "128MiB"
     clean: CleanConfig | None = Field(default_factory=CleanConfig)
     mask: MaskConfig = Field(default_factory=MaskConfig)
     parcellate: ParcellateConfig | None = None

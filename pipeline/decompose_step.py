@@ -45,7 +45,7 @@ def _prepared(context, group: str, mask=None) -> tuple[xr.Dataset, xr.DataArray]
     from .signal import clean_signals
 
     cfg = context.cfg
-    ds = context.bs.open_group(group)
+    ds = context.bs.open_group(group, block_bytes=cfg.block_bytes)
     if cfg.clean and cfg.clean.dummy_scans:
         ds = ds.isel(time=slice(cfg.clean.dummy_scans, None))
     matrix = apply_mask(ds, context._mask(ds) if mask is None else mask)

@@ -569,7 +569,7 @@ class _Context:
         from .signal import clean_signals
 
         cfg = self.cfg
-        ds = self.bs.open_group(group)
+        ds = self.bs.open_group(group, block_bytes=cfg.block_bytes)
         if cfg.clean and cfg.clean.dummy_scans:
             ds = ds.isel(time=slice(cfg.clean.dummy_scans, None))
         state["stage"] = "mask"

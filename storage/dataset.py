@@ -86,14 +86,14 @@ class BoldStore:
                  run: str | int | None = None, session: str | None = None, *,
                  space: str | None = None, acq: str | None = None,
                  chunks: dict | str | None = "time",
-                 block_bytes: int | str = "32MiB") -> xr.Dataset:
+                 block_bytes: int | str = "128MiB") -> xr.Dataset:
         """Open one run lazily. See :func:`open_run`."""
         row = self.find(subject=subject, task=task, run=run, session=session, space=space,
                         acq=acq)
         return self.open_group(row["group"], chunks=chunks, block_bytes=block_bytes)
 
     def open_group(self, group: str, *, chunks: dict | str | None = "time",
-                   block_bytes: int | str = "32MiB") -> xr.Dataset:
+                   block_bytes: int | str = "128MiB") -> xr.Dataset:
         """Open the run stored in ``group`` (a path such as ``sub-01/task-rest``).
 
         See :func:`open_run` for ``chunks`` and ``block_bytes``.
@@ -124,7 +124,7 @@ class BoldStore:
         return f"<BoldStore {self.ref}: {n_ok} complete run(s), {len(cat) - n_ok} failed>"
 
 
-def time_blocks(bold: xr.DataArray, block_bytes: int | str = "32MiB") -> dict[str, Any]:
+def time_blocks(bold: xr.DataArray, block_bytes: int | str = "128MiB") -> dict[str, Any]:
     """Chunks for ``bold`` with whole time series and at most ``block_bytes`` (float64).
 
     Each stored spatial chunk is split into equal parts (halving its largest side) until
@@ -179,7 +179,7 @@ def open_run(store: str | os.PathLike | StoreRef | BoldStore, subject: str | Non
              task: str | None = None, run: str | int | None = None,
              session: str | None = None, *, space: str | None = None, acq: str | None = None,
              storage_options: dict | None = None,
-             chunks: dict | str | None = "time", block_bytes: int | str = "32MiB") -> xr.Dataset:
+             chunks: dict | str | None = "time", block_bytes: int | str = "128MiB") -> xr.Dataset:
     """Open one run of a store as a lazy :class:`xarray.Dataset`.
 
     Parameters
@@ -194,11 +194,13 @@ def open_run(store: str | os.PathLike | StoreRef | BoldStore, subject: str | Non
         ``"time"``: the stored spatial blocks, each with all volumes (what per-voxel
         temporal stages need). A dict: passed to :meth:`xarray.Dataset.chunk`. None:
         the on-disk chunks.
-    block_bytes : int or str, default="32MiB"
+    block_bytes : int or str, default="128MiB"
         With ``chunks="time"``: the largest block of voxels x all volumes, counted in
         float64 (the pipeline's working precision). A stored spatial block whose time
         series exceed it is split in space, so a task's memory does not grow with the
-        number of volumes.
+        number of volumes. Splitting costs reads (each split piece decompresses the whole
+        stored chunk): ingest with a smaller ``chunk_bytes`` for very long runs, and lower
+        this only for workers with little memory.
 
     Returns
     -------

@@ -80,6 +80,7 @@ def test_runs_larger_than_worker_memory(tmp_path):
     assert voxels * 4 > limit and voxels * 8 > 2 * limit
     job = _job(sim, tmp_path / "out", tmp_path / "s.zarr")
     job["connectivity"] = None
+    job["block_bytes"] = "32MiB"  # small workers: smaller blocks per task
     with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=limit,
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         storage.ingest(sim.root, tmp_path / "s.zarr", client=client, chunk_bytes="4MiB",
