@@ -569,22 +569,34 @@ class _Context:
         from .signal import clean_signals
 
         cfg = self.cfg
-        ds = self.bs.open_group(group, block_bytes=cfg.block_bytes)
+        # on-disk chunks first: raw label means reduce them where they lie; voxel-wise
+        # stages get whole time series (time chunks merged) below
+        stored = self.bs.open_group(group, chunks=None)
         if cfg.clean and cfg.clean.dummy_scans:
-            ds = ds.isel(time=slice(cfg.clean.dummy_scans, None))
+            stored = stored.isel(time=slice(cfg.clean.dummy_scans, None))
+        need_voxels = (bool(cfg.seeds) or cfg.export.cleaned_bold
+                       or bool(cfg.clean and cfg.clean.level == "voxel"))
+        chunk_labels = False
+        if cfg.parcellate is not None and not need_voxels:
+            state["stage"] = "parcellate"
+            chunk_labels = self.atlas(stored).kind == "labels"
+        ds = stored
+        if not chunk_labels:
+            ds = stored.copy()
+            ds["bold"] = stored["bold"].chunk(
+                storage.dataset.time_blocks(stored["bold"], cfg.block_bytes))
         state["stage"] = "mask"
-        matrix = apply_mask(ds, self._mask(ds))
+        mask = self._mask(ds)
+        matrix = None if chunk_labels else apply_mask(ds, mask)
         out: dict[str, Any] = {}
         kwargs = None
-        time_out = matrix["time"].values
+        time_out = ds["time"].values
         if cfg.clean:
             state["stage"] = "confounds"
             kwargs = self._clean_kwargs(ds)
             if kwargs["sample_mask"] is not None:
                 time_out = time_out[np.asarray(kwargs["sample_mask"])]
         cleaned_voxels = None
-        need_voxels = (bool(cfg.seeds) or cfg.export.cleaned_bold
-                       or (cfg.clean and cfg.clean.level == "voxel"))
         if cfg.clean and need_voxels:
             state["stage"] = "clean"
             data = clean_signals(matrix.data, **kwargs)
@@ -597,7 +609,8 @@ class _Context:
             if cleaned_voxels is not None and cfg.clean.level == "voxel":
                 signals = extract(cleaned_voxels, atlas)
             else:
-                raw = extract(matrix, atlas)
+                raw = (label_signals(ds, atlas, mask=mask) if chunk_labels
+                       else extract(matrix, atlas))
                 signals = raw if not cfg.clean else _clean_regions(raw, kwargs, time_out)
             out["signals"] = signals
         if cfg.export.cleaned_bold:

@@ -98,6 +98,36 @@ def test_label_signals_equal_nifti_labels_masker(sim):
     assert list(raw["region"].values) == list(table["name"])
 
 
+@pytest.mark.parametrize("chunks", [None, "time", {"x": 5, "y": 7, "z": 4, "time": 23}])
+def test_label_signals_from_stored_chunks(sim, chunks):
+    """The chunk-wise path (no rechunk) equals NiftiLabelsMasker and the matrix path."""
+    s, store = sim
+    ds = storage.open_run(store, subject="01", task="rest", chunks=chunks)
+    if chunks is None:  # really reduces (space x time) chunks: several time blocks too
+        assert len(ds["bold"].data.chunks[3]) > 1 or len(ds["bold"].data.chunks[0]) > 1
+    atlas = load_atlas(s.atlas, reference=ds)
+    fast = label_signals(ds, atlas)
+    masker = NiftiLabelsMasker(labels_img=str(s.atlas), mask_img=str(s.runs[0].mask),
+                               standardize=None)
+    ref = _quiet(masker.fit_transform, str(s.runs[0].bold))
+    valid = fast["n_voxels"].values > 0
+    np.testing.assert_allclose(fast.values[:, valid], ref, rtol=1e-5)
+    slow = label_signals(apply_mask(_open(store)), atlas)
+    np.testing.assert_allclose(fast.values, slow.values, rtol=1e-12, equal_nan=True)
+    np.testing.assert_array_equal(fast["n_voxels"].values, slow["n_voxels"].values)
+    assert fast.attrs["repetition_time"] == 2.0
+    # another mask (a subset): regions outside it become NaN columns, as in the matrix path
+    sub_mask = ds["mask"].values.copy()
+    sub_mask[: sub_mask.shape[0] // 2] = False
+    part = label_signals(ds, atlas, mask=sub_mask)
+    np.testing.assert_allclose(part.values,
+                               label_signals(apply_mask(_open(store), sub_mask), atlas).values,
+                               rtol=1e-12, equal_nan=True)
+    # dummy volumes dropped before the reduction
+    np.testing.assert_allclose(label_signals(ds.isel(time=slice(3, None)), atlas).values,
+                               fast.values[3:], rtol=1e-12, equal_nan=True)
+
+
 @pytest.mark.parametrize("strategy_confounds", [False, True])
 def test_region_level_cleaning_equals_labels_masker(sim, strategy_confounds):
     """NiftiLabelsMasker averages raw voxels, then cleans the region signals."""
