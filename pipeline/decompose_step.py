@@ -10,7 +10,9 @@ dual regression, per run ``<prefix>_desc-dualreg_components.nii.gz`` /
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -67,11 +69,21 @@ def _row(context, run, status: str, t0: float, error: str | None = None) -> dict
                                  error=error, seconds=time.perf_counter() - t0)
 
 
-def run_decomposition(context, runs: list[Any], echo=print) -> list[dict]:
-    """Run the configured decomposition on the completed runs; returns report rows."""
+def run_decomposition(context, runs: list[Any], echo=print, *, client=None) -> list[dict]:
+    """Run the configured decomposition on the completed runs; returns report rows.
+
+    Subject-level fits run as one worker task per run (many runs fit in parallel, each
+    streaming its voxel blocks on its worker); a run whose outputs were written by an
+    earlier job with the same provenance is skipped. Group fits stream subjects from the
+    driver (their work is distributed block by block).
+    """
     dec = context.cfg.decompose
     if dec.level == "subject":
-        return _subject_level(context, runs, echo)
+        if client is None:
+            from distributed import get_client
+
+            client = get_client()
+        return _subject_level(context, runs, echo, client)
     return _group_level(context, runs, echo)
 
 
@@ -82,29 +94,77 @@ def _prefix(context, ds: xr.Dataset) -> str:
     return _join(context.cfg.output, _run_dir(ents), run_prefix(ents))
 
 
-def _subject_level(context, runs, echo) -> list[dict]:
+def _ica_provenance(context, group: str) -> str:
+    from .jobs import _sha
+
+    return _sha({"run": context.provenance(group),
+                 "decompose": context.cfg.decompose.model_dump()})
+
+
+def _ica_sidecar(prefix: str) -> str:
+    return f"{prefix}_desc-ica_provenance.json"
+
+
+def _fit_subject_run(config, store, group: str, prefix: str, prov: str) -> int:
+    """On a worker: fit one run's ICA from the store, export, then write the sidecar.
+
+    The run's voxel blocks are streamed by this worker's own synchronous scheduler, so a
+    task holds a few blocks and the reduced data, never the run. The provenance sidecar
+    is written last: a fit killed half-way is redone by the next job.
+    """
+    import dask
+
     from .decomposition.ica import SubjectICA
     from .decomposition.melodic import export_ica_bids, export_melodic
+    from .jobs import Pipeline, _Context, _write_text
 
-    dec = context.cfg.decompose
-    rows = []
+    context = _Context(Pipeline(config), storage.open_store(store))
+    dec = config.decompose
+    opts = context.opts or None
+    with dask.config.set(scheduler="synchronous"):
+        ds, matrix = _prepared(context, group)
+        ica = SubjectICA(n_components=dec.n_components, random_state=dec.seed,
+                         threshold=dec.threshold,
+                         t_r=float(ds.attrs["repetition_time"])).fit(matrix)
+        export_ica_bids(ica, prefix, storage_options=opts)
+        if dec.melodic_export:
+            export_melodic(ica, f"{prefix}_desc-melodic.ica", storage_options=opts)
+    _write_text(_ica_sidecar(prefix), json.dumps({"provenance": prov}), context.opts)
+    return int(ica.n_components_)
+
+
+def _subject_level(context, runs, echo, client) -> list[dict]:
+    from distributed import as_completed
+
+    from .jobs import _join, _read_text, _run_dir, run_prefix
+
+    rows: list[dict] = []
+    futures = {}
     for run in runs:
         t0 = time.perf_counter()
         try:
-            ds, matrix = _prepared(context, run.group)
-            ica = SubjectICA(n_components=dec.n_components, random_state=dec.seed,
-                             threshold=dec.threshold,
-                             t_r=float(ds.attrs["repetition_time"])).fit(matrix)
-            prefix = _prefix(context, ds)
-            export_ica_bids(ica, prefix, storage_options=context.opts or None)
-            if dec.melodic_export:
-                export_melodic(ica, f"{prefix}_desc-melodic.ica",
-                               storage_options=context.opts or None)
-            rows.append(_row(context, run, "complete", t0))
-            echo(f"ICA {run.run_id}: {ica.n_components_} components "
-                 f"({time.perf_counter() - t0:.1f} s)")
+            ents = dict(context.bs.open_group(run.group, chunks=None).attrs["entities"])
+            prefix = _join(context.cfg.output, _run_dir(ents), run_prefix(ents))
+            prov = _ica_provenance(context, run.group)
+            text = _read_text(_ica_sidecar(prefix), context.opts)
+            if text is not None and json.loads(text).get("provenance") == prov:
+                rows.append(_row(context, run, "skipped", t0))
+                continue
+            fut = client.submit(_fit_subject_run, context.cfg, context.bs.ref, run.group,
+                                prefix, prov, key=f"subject-ica-{uuid.uuid4().hex}")
+            futures[fut] = (run, t0)
         except Exception as e:  # one run's failure is recorded, the others go on
             rows.append(_row(context, run, "failed", t0, f"{type(e).__name__}: {e}"))
+    for fut in as_completed(list(futures)):
+        run, t0 = futures.pop(fut)
+        try:
+            n = fut.result()
+            rows.append(_row(context, run, "complete", t0))
+            echo(f"ICA {run.run_id}: {n} components ({time.perf_counter() - t0:.1f} s)")
+        except Exception as e:
+            rows.append(_row(context, run, "failed", t0, f"{type(e).__name__}: {e}"))
+        finally:
+            fut.release()
     return rows
 
 

@@ -7,9 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import storage
 from pipeline.config import ConfigError, load_config
+from pipeline.decomposition.ica import SubjectICA
 from pipeline.demo import network_recovery
 from pipeline.jobs import Pipeline
+from pipeline.masking import apply_mask
 from pipeline.simulate import load_truth, simulate_dataset
 
 
@@ -78,3 +81,29 @@ def test_subject_ica_job_exports(tmp_path, sim, client):
     np.testing.assert_allclose(np.loadtxt(melodic / "melodic_mix"), mixing.values, rtol=1e-6)
     r = network_recovery(func / f"{prefix}_desc-ica_components.nii.gz", load_truth(sim.root))
     assert np.median(r) >= 0.8, r
+    # a second job with the same inputs and config skips the fit (provenance sidecar)
+    before = (func / f"{prefix}_desc-ica_mixing.tsv").stat().st_mtime_ns
+    again = Pipeline(job).submit(client).result().runs
+    dec = again[again["stage"] == "decompose"]
+    assert list(dec["status"]) == ["skipped"]
+    assert (func / f"{prefix}_desc-ica_mixing.tsv").stat().st_mtime_ns == before
+    # another seed is another result: refitted
+    job["decompose"]["seed"] = 7
+    third = Pipeline(job).submit(client).result().runs
+    assert list(third[third["stage"] == "decompose"]["status"]) == ["complete"]
+
+
+def test_subject_ica_runs_fit_in_parallel_on_workers(tmp_path, sim, client):
+    """Each run's fit is a worker task; same numbers as a fit in this process."""
+    out = tmp_path / "out"
+    job = _job(sim, out, tmp_path / "s.zarr", level="subject")
+    job["subjects"] = ["02", "03"]
+    job["clean"] = None
+    result = Pipeline(job).submit(client).result()
+    assert (result.runs["status"] == "complete").all(), result.runs["error"].tolist()
+    prefix = "sub-03_task-rest_space-MNI152NLin2009cAsym"
+    mixing = pd.read_csv(out / "sub-03" / "func" / f"{prefix}_desc-ica_mixing.tsv", sep="\t")
+    ds = storage.open_run(tmp_path / "s.zarr", subject="03", task="rest")
+    local = SubjectICA(n_components=10, random_state=0, t_r=2.0).fit(apply_mask(ds))
+    np.testing.assert_allclose(mixing.values, local.mixing_, rtol=1e-6,
+                               atol=1e-6 * np.abs(local.mixing_).max())
