@@ -89,15 +89,29 @@ def ingest(source: str, store: str, workers, memory_limit, scheduler, subjects, 
     import storage
 
     from .cluster import cluster_client
+    from .progress import StageProgress, is_live
+
+    progress = StageProgress("ingest", 0, echo=click.echo, live=is_live(click.echo),
+                             labels={"complete": "ingested"})
+    actions = {"ingested": "complete", "skipped": "skipped"}
+
+    def on_run(row: dict, total: int) -> None:
+        progress.total = total
+        progress.update(actions.get(row["action"], "failed"), row["run_id"],
+                        nbytes=row.get("source_bytes"))
 
     with cluster_client(scheduler, n_workers=workers, memory_limit=memory_limit,
                         echo=click.echo) as client:
-        frame = storage.ingest(
-            source, store, client=client, storage_options=_options_kv(store_opts),
-            source_options=_options_kv(source_opts), subjects=list(subjects) or None,
-            tasks=list(tasks) or None, spaces=list(spaces) or None, chunk_bytes=chunk_size,
-            batch_bytes=batch_size, shard_bytes=shard_size, overwrite=overwrite,
-            progress=sys.stderr.isatty())
+        try:
+            frame = storage.ingest(
+                source, store, client=client, storage_options=_options_kv(store_opts),
+                source_options=_options_kv(source_opts), subjects=list(subjects) or None,
+                tasks=list(tasks) or None, spaces=list(spaces) or None,
+                chunk_bytes=chunk_size, batch_bytes=batch_size, shard_bytes=shard_size,
+                overwrite=overwrite, progress=on_run)
+        finally:
+            if progress.done:
+                progress.close()
     counts = frame["action"].value_counts().to_dict()
     click.echo(f"{len(frame)} run(s): " + ", ".join(f"{v} {k}" for k, v in sorted(
         counts.items())) + f" -> {storage.StoreRef.coerce(store)}")
@@ -111,27 +125,28 @@ def ingest(source: str, store: str, workers, memory_limit, scheduler, subjects, 
 @cli.command()
 @click.argument("job_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler "
-              "(overrides cluster.address).")
+              "(replaces the job's cluster section).")
 @click.option("--dry-run", is_flag=True, help="Validate the job file and print it; run nothing.")
 def run(job_file: Path, scheduler: str | None, dry_run: bool) -> None:
-    """Run the job described in JOB_FILE (YAML): ingest, clean, parcellate, connectivity."""
+    """Run the job described in JOB_FILE (YAML): ingest, clean, parcellate, connectivity.
+
+    The job's ``cluster`` section says where (a LocalCluster by default; an existing
+    scheduler, SLURM/PBS, Kubernetes or a Dask Gateway); progress is shown per stage.
+    """
     import yaml
 
-    from .config import load_config
+    from .config import ClusterConfig, load_config
     from .jobs import Pipeline
 
     cfg = load_config(job_file)
     if scheduler:
-        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(
-            update={"address": scheduler})})
+        cfg = cfg.model_copy(update={"cluster": ClusterConfig(kind="address",
+                                                              address=scheduler)})
     if dry_run:
         click.echo(yaml.safe_dump(cfg.model_dump(mode="json", exclude={"storage_options"}),
                                   sort_keys=False))
         return
-    job = Pipeline(cfg).submit(echo=click.echo)
-    if sys.stderr.isatty():
-        job.progress(notebook=False)
-    result = job.result()
+    result = Pipeline(cfg).submit(echo=click.echo).result()
     for kind, cmp in result.comparisons.items():
         n_sig = int(cmp.edges["significant"].sum())
         click.echo(f"{kind}: {n_sig} edge(s) differ between {cmp.groups[1]} and "

@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from storage import BoldflowError
 
-__all__ = ["CleanConfig", "ClusterConfig", "ConfigError", "ConnectivityConfig", "DecomposeConfig",
-           "ExportConfig", "JobConfig", "MaskConfig", "ParcellateConfig", "SeedConfig",
-           "load_config"]
+__all__ = ["AdaptConfig", "CleanConfig", "ClusterConfig", "ConfigError", "ConnectivityConfig",
+           "DecomposeConfig", "ExportConfig", "JobConfig", "MaskConfig", "ParcellateConfig",
+           "SeedConfig", "load_config"]
 
 Strategy = Literal["simple", "scrubbing", "compcor", "ica_aroma", "yeo2011", "24p", "36p",
                    "none"]
@@ -117,9 +117,10 @@ class DecomposeConfig(_Section):
     """ICA: per run (MELODIC-style) or for the group (MIGP or CanICA) + dual regression."""
 
     level: Literal["subject", "group"] = "subject"
-    method: Literal["melodic", "migp", "canica"] | None = None
+    method: Literal["melodic", "migp", "canica", "dictlearning"] | None = None
     n_components: int | Literal["auto"] = "auto"
     seed: int = 0
+    alpha: float = Field(10.0, gt=0)  # dictlearning: sparsity of the maps (nilearn's default)
     threshold: float | Literal["mixture"] | None = None
     dual_regression: bool = True
     melodic_export: bool = False
@@ -129,19 +130,78 @@ class DecomposeConfig(_Section):
         method = self.method or ("melodic" if self.level == "subject" else "migp")
         if (self.level == "subject") != (method == "melodic"):
             raise ValueError(f"method {method!r} does not apply at level {self.level!r} "
-                             "(subject: melodic; group: migp or canica)")
+                             "(subject: melodic; group: migp, canica or dictlearning)")
         if self.level == "group" and self.n_components == "auto":
             object.__setattr__(self, "n_components", 20)
         object.__setattr__(self, "method", method)
         return self
 
 
-class ClusterConfig(_Section):
-    """Where to compute: an existing scheduler, or a LocalCluster."""
+ClusterKind = Literal["local", "address", "slurm", "pbs", "kubernetes", "gateway"]
 
+
+class AdaptConfig(_Section):
+    """Adaptive scaling: the cluster grows and shrinks between ``minimum`` and ``maximum``
+    workers with the load (``cluster.adapt(minimum=..., maximum=...)``)."""
+
+    minimum: int = Field(0, ge=0)
+    maximum: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> AdaptConfig:
+        if self.minimum > self.maximum:
+            raise ValueError(f"minimum ({self.minimum}) is above maximum ({self.maximum})")
+        return self
+
+
+class ClusterConfig(_Section):
+    """Where to compute: a LocalCluster, an existing scheduler, or a cluster started here.
+
+    ``kind`` (default: ``address`` when ``address`` is set, else ``local``):
+
+    - ``local``: a :class:`distributed.LocalCluster` on this machine, one single-threaded
+      worker process per core (``n_workers``, ``memory_limit`` per worker);
+    - ``address``: connect to a running scheduler at ``address`` (``tcp://host:8786``);
+    - ``slurm`` / ``pbs``: ``dask_jobqueue.SLURMCluster`` / ``PBSCluster`` (extra
+      ``boldflow[slurm]`` / ``boldflow[pbs]``); each batch job runs workers;
+    - ``kubernetes``: ``dask_kubernetes.operator.KubeCluster`` (``boldflow[kubernetes]``);
+    - ``gateway``: a new cluster of the Dask Gateway at ``address``
+      (``boldflow[gateway]``).
+
+    ``options`` are passed unchanged to the cluster class (``LocalCluster``,
+    ``SLURMCluster(cores=, memory=, queue=, walltime=, ...)``, ``KubeCluster(name=,
+    image=, ...)``, ``Gateway.new_cluster(...)``); dashes in keys become underscores, so
+    keys can be copied from a ``jobqueue.yaml``. ``n_workers`` workers are requested at
+    start (``cluster.scale``); ``adapt`` makes the cluster adaptive instead.
+    """
+
+    kind: ClusterKind | None = None
     address: str | None = None
     n_workers: int | None = Field(None, ge=1)
-    memory_limit: str | None = None
+    memory_limit: str | int | None = None
+    adapt: AdaptConfig | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _kind(self) -> ClusterConfig:
+        kind = self.kind or ("address" if self.address else "local")
+        if kind == "address":
+            if not self.address:
+                raise ValueError("kind 'address' needs address (tcp://host:8786)")
+            extra = [k for k in ("n_workers", "memory_limit", "adapt")
+                     if getattr(self, k) is not None] + (["options"] if self.options else [])
+            if extra:
+                raise ValueError(f"{', '.join(extra)} do(es) not apply to an existing "
+                                 "scheduler (kind 'address'); size that cluster where it is "
+                                 "started")
+        elif self.address and kind != "gateway":
+            raise ValueError(f"address is for kind 'address' (a scheduler) or 'gateway' (the "
+                             f"gateway's URL), not kind {kind!r}")
+        if self.memory_limit is not None and kind != "local":
+            raise ValueError(f"memory_limit is the LocalCluster worker limit; for kind {kind!r} "
+                             "give the cluster's own option (e.g. options: {memory: 16GiB})")
+        object.__setattr__(self, "kind", kind)
+        return self
 
 
 class ExportConfig(_Section):

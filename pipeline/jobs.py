@@ -27,6 +27,7 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,27 +244,41 @@ class Pipeline:
         """Load and validate a YAML job file."""
         return cls(load_config(path))
 
-    def submit(self, client=None, *, echo=None) -> Job:
-        """Start the job on ``client`` (default: the config's cluster, else a LocalCluster).
+    def submit(self, client=None, *, echo: Callable[..., object] | None = None,
+               live: bool | None = None) -> Job:
+        """Start the job on ``client`` (default: the cluster of the job's ``cluster`` section).
 
-        Returns at once with a :class:`Job`; the dashboard link is printed.
+        Parameters
+        ----------
+        client : distributed.Client, optional
+            Where to run. None: the cluster the config describes
+            (:func:`pipeline.cluster.client_from_config`: a LocalCluster by default, an
+            existing scheduler, SLURM/PBS, Kubernetes or a Dask Gateway); the job closes
+            the client and the cluster it started when it ends.
+        echo : callable, optional
+            Prints the job's lines (default: :func:`print`).
+        live : bool, optional
+            Progress as one terminal line redrawn in place (True) or as plain lines every
+            few seconds (False). Default: live when ``echo`` is ``print``/``click.echo``
+            and standard output is a terminal.
+
+        Returns
+        -------
+        Job
+            At once; the dashboard link is printed.
         """
         if echo is not None:
             self.echo = echo
+        self._live = live
         owned = None
         if client is None:
-            from distributed import Client, LocalCluster
+            from .cluster import client_from_config
 
-            from .cluster import default_local_cluster_kwargs
-
-            cfg = self.config.cluster
-            if cfg.address:
-                client = Client(cfg.address)
-                owned = _NullCluster()
-            else:
-                owned = LocalCluster(**default_local_cluster_kwargs(cfg.n_workers,
-                                                                    cfg.memory_limit))
-                client = Client(owned)
+            client, cluster = client_from_config(self.config.cluster)
+            # the job closes what it opened: the client always, the cluster if it started it
+            owned = cluster if cluster is not None else _NullCluster()
+            if cluster is not None and self.config.cluster.kind != "local":
+                self.echo(f"Dask cluster: {self.config.cluster.kind} ({type(cluster).__name__})")
         self.echo(f"Dask dashboard: {client.dashboard_link}")
         return Job(self, client, owned)
 
@@ -274,17 +289,42 @@ class Pipeline:
     # ------------------------------------------------------------------ execution
 
     def _execute(self, job: Job) -> JobResult:
+        from .progress import StageProgress, format_bytes, is_live
+
         cfg = self.config
         opts = dict(cfg.storage_options)
+        t_job = time.perf_counter()
+        live = getattr(self, "_live", None)
+        live = is_live(self.echo) if live is None else bool(live)
+
+        def stage(name: str, total: int, **kw: Any) -> StageProgress:
+            return StageProgress(name, total, **{"echo": self.echo, "live": live, **kw})
+
         rows: list[dict] = []
+        ingested: dict[str, dict] = {}  # run_id -> what ingestion did and read
         store = cfg.input
         if not _is_store(cfg.input, opts):
             store = cfg.store or _join(cfg.output, "boldflow.zarr")
             self.echo(f"ingesting {storage.stores.redact_url(cfg.input)} -> {store}")
-            catalog = storage.ingest(
-                cfg.input, store, client=job.client, storage_options=opts,
-                source_options=opts, subjects=cfg.subjects, sessions=cfg.sessions,
-                tasks=cfg.task, runs=cfg.runs, spaces=cfg.space)
+            ing = stage("ingest", 0, labels={"complete": "ingested"})
+            actions = {"ingested": "complete", "skipped": "skipped"}
+
+            def on_ingest(row: dict, total: int) -> None:
+                ing.total = total
+                ing.update(actions.get(row["action"], "failed"), row["run_id"],
+                           nbytes=row.get("source_bytes"), error=row.get("error"))
+
+            try:
+                catalog = storage.ingest(
+                    cfg.input, store, client=job.client, storage_options=opts,
+                    source_options=opts, subjects=cfg.subjects, sessions=cfg.sessions,
+                    tasks=cfg.task, runs=cfg.runs, spaces=cfg.space, progress=on_ingest)
+            finally:
+                ing.close()
+            for _, r in catalog.iterrows():
+                ingested[r["run_id"]] = {"ingest": r["action"],
+                                         "ingest_seconds": r["seconds"],
+                                         "source_bytes": r.get("source_bytes")}
             for _, r in catalog[catalog["status"] == "failed"].iterrows():
                 rows.append(self._row(dict(sub=r["sub"], ses=r["ses"], task=r["task"],
                                            run=r["run"], space=r["space"]), r["run_id"],
@@ -299,10 +339,18 @@ class Pipeline:
         in_flight: dict[Any, tuple[str, dict, float, dict]] = {}
         max_in_flight = max(2, 2 * len(job.client.scheduler_info().get("workers", {})))
         pending = list(selected.itertuples(index=False))
+        prog = stage("runs", len(selected))
+        t_runs = time.perf_counter()
 
         from distributed import as_completed
 
         ac = as_completed()
+
+        def failed(ents: dict, run_id: str, stage_: str, error: str, t0: float | None) -> None:
+            rows.append(self._row(ents, run_id, "failed", stage=stage_, error=error,
+                                  seconds=0.0 if t0 is None else time.perf_counter() - t0))
+            job._status[run_id] = "failed"
+            prog.update("failed", run_id, error=f"[{stage_}] {error}")
 
         def launch(row) -> None:
             run_id, group = row.run_id, row.group
@@ -314,24 +362,25 @@ class Pipeline:
                 cached = context.cached(ents, prov)
                 if cached is not None:
                     results[run_id] = cached
-                    rows.append(self._row(ents, run_id, "skipped",
-                                          seconds=time.perf_counter() - t0))
+                    rows.append({**self._row(ents, run_id, "skipped",
+                                             seconds=time.perf_counter() - t0),
+                                 "bytes_read": 0, "stored_bytes": 0})
                     job._status[run_id] = "skipped"
+                    prog.update("skipped", run_id)
                     return
-                graph, stage = context.build(group)
+                graph, stage_ = context.build(group)
                 import dask
 
                 fut = job.client.compute(dask.delayed(graph))
                 job.futures[run_id] = fut
-                in_flight[fut] = (run_id, ents, t0, {"prov": prov, "stage": stage})
+                in_flight[fut] = (run_id, ents, t0, {"prov": prov, "stage": stage_,
+                                                     "read": _bold_bytes(bs, group)})
                 job._status[run_id] = "running"
                 ac.add(fut)
             except Exception as e:  # one run's failure is recorded, the others go on
-                stage = e.stage if isinstance(e, StageError) else "build"
-                rows.append(self._row(ents or {"sub": row.sub, "task": row.task}, run_id,
-                                      "failed", stage=stage, error=_msg(e, row.bold),
-                                      seconds=time.perf_counter() - t0))
-                job._status[run_id] = "failed"
+                failed(ents or {"sub": row.sub, "task": row.task}, run_id,
+                       e.stage if isinstance(e, StageError) else "build", _msg(e, row.bold),
+                       t0)
 
         while pending and len(in_flight) < max_in_flight and not job._cancelled.is_set():
             launch(pending.pop(0))
@@ -343,16 +392,14 @@ class Pipeline:
                 outputs = context.write_run(ents, computed, info["prov"])
                 if "signals" in computed:
                     results[run_id] = computed["signals"]
-                rows.append(self._row(ents, run_id, "complete", outputs=outputs,
-                                      seconds=time.perf_counter() - t0))
+                nbytes, nstored = info["read"]
+                rows.append({**self._row(ents, run_id, "complete", outputs=outputs,
+                                         seconds=time.perf_counter() - t0),
+                             "bytes_read": nbytes, "stored_bytes": nstored})
                 job._status[run_id] = "complete"
-                self.echo(f"[{len(rows)}/{len(selected)}] {run_id}: complete "
-                          f"({time.perf_counter() - t0:.1f} s)")
+                prog.update("complete", run_id, nbytes=nbytes)
             except Exception as e:
-                rows.append(self._row(ents, run_id, "failed", stage=info["stage"],
-                                      error=_msg(e, run_id),
-                                      seconds=time.perf_counter() - t0))
-                job._status[run_id] = "failed"
+                failed(ents, run_id, info["stage"], _msg(e, run_id), t0)
             finally:
                 with contextlib.suppress(Exception):
                     fut.release()
@@ -360,26 +407,41 @@ class Pipeline:
                 launch(pending.pop(0))
         if job._cancelled.is_set():
             for row in pending:
-                rows.append(self._row({"sub": row.sub, "task": row.task}, row.run_id,
-                                      "failed", stage="cancelled", error="job cancelled"))
+                failed({"sub": row.sub, "task": row.task}, row.run_id, "cancelled",
+                       "job cancelled", None)
+        prog.close()
+        runs_seconds = time.perf_counter() - t_runs
         if cfg.decompose is not None and not job._cancelled.is_set():
             from .decompose_step import run_decomposition
 
             done = [r for r in selected.itertuples(index=False)
                     if job._status.get(r.run_id) in ("complete", "skipped")]
-            rows += run_decomposition(context, done, self.echo)
-        runs = pd.DataFrame(rows)
+            dec = stage("decompose", len(done))
+            try:
+                dec_rows = run_decomposition(context, done, dec.message, client=job.client)
+                dec.total = max(dec.total, len(dec_rows))
+                for r in dec_rows:
+                    dec.update(r["status"] if r["status"] in dec.counts else "complete",
+                               r["run_id"], error=r.get("error"))
+            finally:
+                dec.close()
+            rows += dec_rows
+        runs = _report_frame(rows, ingested)
         result = JobResult(runs=runs, output=cfg.output)
         if cfg.connectivity is not None and results:
+            grp = stage("group", 1, live=False)  # the group step prints its own lines
             try:
                 context.group_step(results, result)
+                grp.update("failed" if result.group_errors else "complete")
             except Exception as e:  # per-run outputs stand; the group error is reported
                 result.group_errors.append(f"{type(e).__name__}: {e}")
-                self.echo(f"group step failed: {e}")
+                grp.update("failed", error=str(e))
+            finally:
+                grp.close()
         report = _join(cfg.output, "boldflow_runs.tsv")
         _write_text(report, runs.to_csv(sep="\t", index=False, na_rep="n/a"), opts)
-        n_failed = int((runs["status"] == "failed").sum()) if len(runs) else 0
-        self.echo(f"{len(runs) - n_failed} run(s) done, {n_failed} failed; report: {report}")
+        self.echo(_summary(runs, runs_seconds, time.perf_counter() - t_job, format_bytes)
+                  + f"; report: {report}")
         return result
 
     def _select(self, runs: pd.DataFrame) -> pd.DataFrame:
@@ -417,6 +479,64 @@ class StageError(Exception):
 class _NullCluster:
     def close(self) -> None:
         pass
+
+
+#: columns of ``boldflow_runs.tsv`` / ``JobResult.runs``, in this order (then any others)
+REPORT_COLUMNS = ("run_id", "sub", "ses", "task", "run", "space", "status", "stage", "seconds",
+                  "bytes_read", "stored_bytes", "error", "outputs", "ingest", "ingest_seconds",
+                  "source_bytes")
+
+
+def _bold_bytes(bs, group: str) -> tuple[int | None, int | None]:
+    """``(bytes_read, stored_bytes)`` of a run's graph: its whole stored ``bold`` array.
+
+    ``bytes_read`` is the uncompressed size of the stored array (shape x stored dtype);
+    ``stored_bytes`` the size of its chunk (or shard) objects in the store, metadata
+    excluded. ``(None, None)`` if the store cannot tell (the run is not failed for it).
+    """
+    import zarr
+    from zarr.core.sync import sync
+
+    try:
+        arr = zarr.open_array(bs.zarr_store, path=f"{group}/bold", mode="r")
+        nbytes = int(arr.nbytes)
+    except Exception:
+        log.debug("bytes of %s: %s", group, traceback.format_exc())
+        return None, None
+    try:
+        meta = sync(arr.store_path.store.getsize(f"{arr.path}/zarr.json"))
+        stored = int(arr.nbytes_stored()) - int(meta)
+    except Exception:
+        log.debug("stored bytes of %s: %s", group, traceback.format_exc())
+        stored = None
+    return nbytes, stored
+
+
+def _report_frame(rows: list[dict], ingested: dict[str, dict]) -> pd.DataFrame:
+    """The run report: :data:`REPORT_COLUMNS` first, ingestion details joined by run id."""
+    frame = pd.DataFrame(rows)
+    for col in REPORT_COLUMNS:
+        if col not in frame:
+            frame[col] = None
+    if ingested and len(frame):
+        for col in ("ingest", "ingest_seconds", "source_bytes"):
+            frame[col] = [ingested.get(r, {}).get(col) for r in frame["run_id"]]
+    for col in ("bytes_read", "stored_bytes", "source_bytes"):
+        frame[col] = frame[col].astype("Int64")
+    return frame[[*REPORT_COLUMNS, *(c for c in frame.columns if c not in REPORT_COLUMNS)]]
+
+
+def _summary(runs: pd.DataFrame, runs_seconds: float, job_seconds: float, fmt) -> str:
+    """``6 run(s) done: 5 complete, 0 skipped, 1 failed; 4.1 MiB read (...) ...``."""
+    base = runs[~runs["run_id"].astype(str).str.contains(":")] if len(runs) else runs
+    counts = {s: int((base["status"] == s).sum()) if len(base) else 0
+              for s in ("complete", "skipped", "failed")}
+    nbytes = int(base["bytes_read"].fillna(0).sum()) if len(base) else 0
+    stored = int(base["stored_bytes"].fillna(0).sum()) if len(base) else 0
+    rate = f"{fmt(nbytes / runs_seconds)}/s" if runs_seconds > 0 and nbytes else "n/a"
+    return (f"{len(base)} run(s) done: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+            + f"; {fmt(nbytes)} of BOLD read ({fmt(stored)} stored) in {runs_seconds:.1f} s "
+            f"({rate}); job {job_seconds:.1f} s")
 
 
 def _msg(e: BaseException, where: str) -> str:

@@ -31,7 +31,7 @@ import os
 import time
 import traceback
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -371,8 +371,17 @@ def _catalog_row(spec: RunSpec, status: str, *, error: str | None = None,
         "has_mask": bool(c is not None and c.mask is not None),
         "fingerprint": fingerprint,
         "bytes": int(nbytes),
+        # what ingestion read of the source: the whole BOLD file as stored (compressed for
+        # .nii.gz) when the run was ingested; nothing when it was skipped
+        "source_bytes": 0,
         "seconds": round(float(seconds), 3),
     })
+    if c is not None and action == "ingested":
+        try:
+            fs, path = fsspec.core.url_to_fs(c.bold.path, **c.bold.storage_options)
+            row["source_bytes"] = int(fs.size(path))
+        except Exception:  # a size is a report detail: never fail a finished run for it
+            row["source_bytes"] = None
     return row
 
 
@@ -576,7 +585,7 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
            chunk_bytes: int | str = "32MiB", batch_bytes: int | str = "128MiB",
            shard_bytes: int | str | None = None, clevel: int = 1,
            shuffle: str = "bitshuffle", overwrite: bool = False,
-           progress: bool = False) -> pd.DataFrame:
+           progress: bool | Callable[[dict, int], None] = False) -> pd.DataFrame:
     """Ingest fMRI runs into a Zarr v3 store, in parallel, resumably.
 
     Parameters
@@ -597,8 +606,12 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
         See :class:`IngestOptions`.
     overwrite : bool, default=False
         Rewrite runs that are already complete.
-    progress : bool, default=False
-        Show a progress bar.
+    progress : bool or callable, default=False
+        True: show distributed's (or dask's) progress bar. A callable is called as
+        ``progress(row, n_runs)`` with each run's catalog row as soon as that run
+        finishes (``row["action"]`` is "ingested", "skipped" or "failed") and the number
+        of runs being ingested, in this process, e.g. to drive
+        :class:`pipeline.progress.StageProgress`.
 
     Returns
     -------
@@ -628,7 +641,14 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
     return frame
 
 
-def _map_runs(specs, ref, options, source_options, overwrite, client, progress) -> list[dict]:
+def _map_runs(specs, ref, options, source_options, overwrite, client,
+              progress: bool | Callable[[dict, int], None]) -> list[dict]:
+    """Ingest every run, on ``client`` or with local threads; rows in ``specs`` order.
+
+    A callable ``progress`` gets ``(row, len(specs))`` as each run finishes (always in
+    this process).
+    """
+    callback = progress if callable(progress) else None
     if client is None:
         with contextlib.suppress(ImportError, ValueError):
             from distributed import get_client
@@ -643,14 +663,28 @@ def _map_runs(specs, ref, options, source_options, overwrite, client, progress) 
                           pure=False)
             for spec in specs
         ]
-        if progress:
+        if progress and callback is None:
             from distributed import progress as dprogress
 
             dprogress(futures)
         by_key = {}
         for fut in as_completed(futures):
             by_key[fut.key] = fut.result()
+            if callback is not None:
+                callback(by_key[fut.key], len(specs))
         return [by_key[f.key] for f in futures]
+    if callback is not None:
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        # same threads as dask's local scheduler, but each row is reported as it finishes
+        with ThreadPoolExecutor(max_workers=dask.system.CPU_COUNT) as pool:
+            futures = {pool.submit(ingest_run, spec, ref, options, source_options,
+                                   overwrite=overwrite): i for i, spec in enumerate(specs)}
+            rows: list[dict] = [{}] * len(specs)
+            for fut in as_completed(futures):
+                rows[futures[fut]] = fut.result()
+                callback(rows[futures[fut]], len(specs))
+        return rows
     tasks = [dask.delayed(ingest_run, pure=False)(spec, ref, options, source_options,
                                                   overwrite=overwrite) for spec in specs]
     if progress:

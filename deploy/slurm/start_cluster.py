@@ -1,9 +1,11 @@
-"""Start a dask-jobqueue SLURM cluster for boldflow and keep it up (needs boldflow[hpc]).
+"""Start a dask-jobqueue SLURM cluster for boldflow and keep it up (boldflow[slurm]).
 
     python deploy/slurm/start_cluster.py --jobs 8
 
 Prints the scheduler address (for ``boldflow run job.yaml --scheduler ...``) and the
-dashboard link; Ctrl-C stops the cluster and cancels the jobs.
+dashboard link; Ctrl-C stops the cluster and cancels the jobs. For one run, a job file
+with ``cluster: {kind: slurm, options: {...}}`` (see ``job.yaml``) starts and stops its
+own cluster instead.
 """
 
 from __future__ import annotations

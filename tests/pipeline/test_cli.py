@@ -50,6 +50,10 @@ def test_ingest_reports_failures_and_keeps_successes(tmp_path, sim):
     assert res.returncode == 1
     assert bad.name in res.stderr and "error:" in res.stderr
     assert "2 ingested" in res.stdout and "1 failed" in res.stdout
+    # progress: the failing run as it fails, then the stage's final line (not a terminal)
+    assert "ingest: sub-02_task-rest" in res.stdout and " failed" in res.stdout
+    assert "ingest: 3/3 (2 ingested, 0 skipped, 1 failed)" in res.stdout
+    assert "\r" not in res.stdout
     cat = storage.open_store(tmp_path / "s.zarr").catalog.set_index("sub")
     assert cat.loc["01", "status"] == "complete" and cat.loc["03", "status"] == "complete"
     assert cat.loc["02", "status"] == "failed"
@@ -78,3 +82,26 @@ def test_cli_errors_exit_2(tmp_path):
     assert res.stderr.startswith("error:") and "missing.zarr" in res.stderr
     res = _boldflow("ingest", str(tmp_path / "empty"), str(tmp_path / "s.zarr"), cwd=tmp_path)
     assert res.returncode == 2 and "error:" in res.stderr
+
+
+def test_run_cluster_section_and_scheduler_override(tmp_path):
+    import yaml
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"input": "d", "output": "o", "cluster": {
+        "kind": "slurm", "adapt": {"minimum": 1, "maximum": 8},
+        "options": {"cores": 4, "memory": "16GiB", "queue": "short"}}}))
+    res = _boldflow("run", str(path), "--dry-run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    cluster = yaml.safe_load(res.stdout)["cluster"]
+    assert cluster["kind"] == "slurm" and cluster["options"]["queue"] == "short"
+    # --scheduler replaces the whole section (sizing belongs to the other cluster)
+    res = _boldflow("run", str(path), "--dry-run", "--scheduler", "tcp://10.0.0.1:8786",
+                    cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    cluster = yaml.safe_load(res.stdout)["cluster"]
+    assert cluster["kind"] == "address" and cluster["address"] == "tcp://10.0.0.1:8786"
+    assert cluster["adapt"] is None and cluster["options"] == {}
+    path.write_text(yaml.safe_dump({"input": "d", "output": "o", "cluster": {"kind": "lsf"}}))
+    res = _boldflow("run", str(path), "--dry-run", cwd=tmp_path)
+    assert res.returncode == 2 and "cluster.kind" in res.stderr

@@ -16,6 +16,7 @@ import yaml
 from pipeline.config import ConfigError, load_config
 from pipeline.demo import effect_edges
 from pipeline.jobs import Pipeline
+from pipeline.progress import format_bytes
 from pipeline.simulate import load_truth, simulate_dataset
 
 
@@ -83,6 +84,34 @@ def test_cli_dry_run_and_error(tmp_path):
 # ---------------------------------------------------------------------------- jobs
 
 
+def _check_report(report: pd.DataFrame, store: Path, source: Path | None) -> None:
+    """Report columns, and per complete run the bytes of its stored BOLD, from the store."""
+    import zarr
+
+    import storage
+
+    assert list(report.columns[:16]) == [
+        "run_id", "sub", "ses", "task", "run", "space", "status", "stage", "seconds",
+        "bytes_read", "stored_bytes", "error", "outputs", "ingest", "ingest_seconds",
+        "source_bytes"]
+    bs = storage.open_store(store)
+    groups = bs.runs().set_index("run_id")["group"]
+    done = report[report["status"] == "complete"]
+    assert len(done) and (done["seconds"] > 0).all() and done["error"].isna().all()
+    for _, row in done.iterrows():
+        bold = bs.open_group(groups[row["run_id"]], chunks=None)["bold"]
+        # bytes_read: the uncompressed stored array, every voxel and volume of the run
+        assert row["bytes_read"] == bold.size * bold.dtype.itemsize == bold.nbytes
+        folder = store / groups[row["run_id"]] / "bold"
+        chunks = [p for p in folder.rglob("*") if p.is_file() and p.name != "zarr.json"]
+        assert len(chunks) == np.prod(zarr.open_array(folder).cdata_shape)
+        assert row["stored_bytes"] == sum(p.stat().st_size for p in chunks)
+        if source is not None:  # ingested in this job: the source file was read whole
+            assert row["ingest"] == "ingested"
+            nifti = next(source.rglob(f"{row['run_id']}_desc-preproc_bold.nii.gz"))
+            assert row["source_bytes"] == nifti.stat().st_size
+
+
 def test_job_outputs_failures_and_resume(tmp_path, sim, client):
     src = tmp_path / "derivs"
     shutil.copytree(sim.root, src)
@@ -90,7 +119,8 @@ def test_job_outputs_failures_and_resume(tmp_path, sim, client):
     frame = pd.read_csv(bad, sep="\t")
     frame.drop(columns=["csf"]).to_csv(bad, sep="\t", index=False, na_rep="n/a")
     job = _job(sim, tmp_path / "out", input=str(src))
-    result = Pipeline(job).submit(client).result()
+    lines: list[str] = []
+    result = Pipeline(job).submit(client, echo=lines.append).result()
     runs = result.runs.set_index("sub")
     assert runs.loc["03", "status"] == "failed"
     assert runs.loc["03", "stage"] == "confounds"
@@ -114,12 +144,25 @@ def test_job_outputs_failures_and_resume(tmp_path, sim, client):
     assert result.matrices["pearson"].sizes["subject"] == 5
     report = pd.read_csv(tmp_path / "out" / "boldflow_runs.tsv", sep="\t")
     assert sorted(report["status"]) == ["complete"] * 5 + ["failed"]
+    _check_report(report, tmp_path / "out" / "boldflow.zarr", src)
+    # per-stage progress and the final summary (plain lines: echo is not a terminal)
+    assert "ingest: 6/6 (6 ingested, 0 skipped, 0 failed)" in "\n".join(lines)
+    assert any(ln.startswith("runs: sub-03_") and "[confounds]" in ln for ln in lines)
+    assert any(ln.startswith("runs: 6/6 (5 complete, 0 skipped, 1 failed)") for ln in lines)
+    assert any(ln.startswith("group: 1/1 (1 complete") for ln in lines)
+    summary = next(ln for ln in lines if "run(s) done" in ln)
+    total = report["bytes_read"].fillna(0).sum()
+    assert summary.startswith("6 run(s) done: 5 complete, 0 skipped, 1 failed; ")
+    assert f"{format_bytes(total)} of BOLD read" in summary and "report: " in summary
 
     # re-run: nothing recomputed (provenance matches), identical group result
     before = (func / f"{prefix}_seg-sim_stat-mean_timeseries.tsv").stat().st_mtime_ns
     again = Pipeline(job).submit(client).result()
     runs2 = again.runs.set_index("sub")
     assert (runs2.drop(index="03")["status"] == "skipped").all()
+    ok = runs2.drop(index="03")
+    assert (ok["bytes_read"] == 0).all() and (ok["stored_bytes"] == 0).all()  # nothing read
+    assert (ok["ingest"] == "skipped").all() and (ok["source_bytes"] == 0).all()
     assert (func / f"{prefix}_seg-sim_stat-mean_timeseries.tsv").stat().st_mtime_ns == before
     pd.testing.assert_frame_equal(again.comparisons["pearson"].edges,
                                   result.comparisons["pearson"].edges)
@@ -172,6 +215,10 @@ def test_same_results_with_other_chunks_and_workers(tmp_path, sim, client):
     for kind in ("pearson", "correlation"):
         np.testing.assert_allclose(res_b.matrices[kind].values, res_a.matrices[kind].values,
                                    rtol=1e-9, atol=1e-12)
+    # many small chunks: still the whole stored array, chunk objects counted one by one
+    assert (res_b.runs["status"] == "complete").all()
+    _check_report(res_b.runs, store, None)
+    assert res_b.runs["ingest"].isna().all()  # the input was a store: nothing ingested
     # one subject in a group: no comparison, but the matrices and per-run outputs stand
     assert any("at least 2 subjects" in e for e in res_a.group_errors)
 
