@@ -10,6 +10,7 @@ dual regression, per run ``<prefix>_desc-dualreg_components.nii.gz`` /
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -84,7 +85,7 @@ def run_decomposition(context, runs: list[Any], echo=print, *, client=None) -> l
 
             client = get_client()
         return _subject_level(context, runs, echo, client)
-    return _group_level(context, runs, echo)
+    return _group_level(context, runs, echo, client)
 
 
 def _prefix(context, ds: xr.Dataset) -> str:
@@ -168,7 +169,23 @@ def _subject_level(context, runs, echo, client) -> list[dict]:
     return rows
 
 
-def _group_level(context, runs, echo) -> list[dict]:
+def _parallel_runs(client=None) -> int:
+    """How many runs' dual regressions to keep in flight: 2 per worker of the client."""
+    try:
+        if client is None:
+            from distributed import get_client
+
+            client = get_client()
+        return max(2, 2 * len(client.scheduler_info().get("workers", {})))
+    except (ImportError, ValueError):  # no distributed client: one at a time
+        return 1
+
+
+def _group_level(context, runs, echo, client=None) -> list[dict]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
     from .decomposition.dualreg import dual_regression
     from .decomposition.group import GroupICA
     from .jobs import _join, _write_text
@@ -179,23 +196,35 @@ def _group_level(context, runs, echo) -> list[dict]:
         return rows
     t0 = time.perf_counter()
     mask = context.group_mask()  # the same voxels for every subject
-    prepared = [_prepared(context, r.group, mask) for r in sorted(runs, key=lambda r: r.run_id)]
-    model = GroupICA(n_components=int(dec.n_components), method=dec.method,
-                     random_state=dec.seed)
-    model.fit([m for _, m in prepared])
-    template = prepared[0][1]
+    ordered = sorted(runs, key=lambda r: r.run_id)
+    if dec.method == "dictlearning":
+        from .decomposition.dictlearning import GroupDictLearning
+
+        model = GroupDictLearning(n_components=int(dec.n_components), alpha=dec.alpha,
+                                  random_state=dec.seed)
+    else:
+        model = GroupICA(n_components=int(dec.n_components), method=dec.method,
+                         random_state=dec.seed)
+    # one BLAS thread in this (client) process: its eigh / FastICA are small, and OpenBLAS
+    # threads spinning against the workers on the same cores made each eigh ~50x slower;
+    # each run is opened only when MIGP reaches it (no N lazy graphs held at once)
+    with threadpool_limits(limits=1, user_api="blas"):
+        model.fit([functools.partial(_matrix, context, r.group, mask) for r in ordered])
+    template = _matrix(context, ordered[0].group, mask)
     url = _join(context.cfg.output, "group", f"desc-{dec.method}_components.nii.gz")
     storage.to_nifti(maps_image(model.components_, template), url,
                      storage_options=context.opts)
-    echo(f"group ICA ({dec.method}): {model.components_.shape[0]} components from "
-         f"{len(prepared)} runs ({time.perf_counter() - t0:.1f} s) -> {url}")
+    echo(f"group maps ({dec.method}): {model.components_.shape[0]} components from "
+         f"{len(ordered)} runs ({time.perf_counter() - t0:.1f} s) -> {url}")
     context.group_model = model
     if not dec.dual_regression:
         return rows
     names = [f"ICA{i:03d}" for i in range(model.components_.shape[0])]
-    for run, (ds, matrix) in zip(sorted(runs, key=lambda r: r.run_id), prepared, strict=True):
+
+    def one(run) -> dict:
         t1 = time.perf_counter()
         try:
+            ds, matrix = _prepared(context, run.group, mask)
             timecourses, maps = dual_regression(model.components_, matrix)
             maps = np.asarray(maps.compute() if hasattr(maps, "compute") else maps)
             prefix = _prefix(context, ds)
@@ -205,7 +234,19 @@ def _group_level(context, runs, echo) -> list[dict]:
             _write_text(f"{prefix}_desc-dualreg_timeseries.tsv",
                         pd.DataFrame(np.asarray(timecourses), columns=names).to_csv(
                             sep="\t", index=False, float_format="%.10g"), context.opts)
-            rows.append(_row(context, run, "complete", t1))
+            return _row(context, run, "complete", t1)
         except Exception as e:  # one run's failure is recorded, the others go on
-            rows.append(_row(context, run, "failed", t1, f"{type(e).__name__}: {e}"))
+            return _row(context, run, "failed", t1, f"{type(e).__name__}: {e}")
+
+    # runs in flight together (each is a few small computes): the workers stay busy
+    # while this process builds and writes the others
+    n_parallel = _parallel_runs(client)
+    with threadpool_limits(limits=1, user_api="blas"), \
+            ThreadPoolExecutor(n_parallel, thread_name_prefix="boldflow-dualreg") as pool:
+        rows += list(pool.map(one, ordered))
     return rows
+
+
+def _matrix(context, group: str, mask) -> xr.DataArray:
+    """A run's prepared (masked, cleaned) matrix: what MIGP streams, opened on demand."""
+    return _prepared(context, group, mask)[1]

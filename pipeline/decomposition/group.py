@@ -211,14 +211,35 @@ class _Scratch:
 
     def put(self, name: str, x: da.Array, block: int) -> da.Array:
         """Materialise ``x`` (2-D) and return a lazy array reading it back."""
+        return self.put_with(name, x, block)[0]
+
+    def put_with(self, name: str, x: da.Array, block: int,
+                 others: Sequence[da.Array | None] = ()) -> tuple[da.Array, list[Any]]:
+        """:meth:`put` ``x`` and compute ``others`` (small results) in the same pass.
+
+        One scheduling round instead of several: the tasks that ``x`` shares with
+        ``others`` run once, and independent work (the next subject's first pass) fills the
+        workers while ``x`` is written. A None in ``others`` gives None.
+
+        Returns
+        -------
+        (dask.array.Array, list)
+            The lazy reader of ``x`` and the computed ``others`` (NumPy).
+        """
         x = x.rechunk((x.shape[0], block))
+        todo = [o for o in others if o is not None]
         if self.memory:
-            return x.persist()
-        z = self.group.create_array(name=name, shape=x.shape, dtype=x.dtype,
-                                    chunks=(x.shape[0], block), compressors=None,
-                                    fill_value=0.0, overwrite=True)
-        da.store(x, z, lock=False)
-        return da.from_zarr(z, chunks=(x.shape[0], block))
+            x, *todo = dask.persist(x, *todo)
+            values = list(dask.compute(*todo))
+        else:
+            z = self.group.create_array(name=name, shape=x.shape, dtype=x.dtype,
+                                        chunks=(x.shape[0], block), compressors=None,
+                                        fill_value=0.0, overwrite=True)
+            stored = da.store(x, z, lock=False, compute=False)
+            values = list(dask.compute(stored, *todo)[1:])
+            x = da.from_zarr(z, chunks=(x.shape[0], block))
+        it = iter(values)
+        return x, [None if o is None else np.asarray(next(it)) for o in others]
 
     def drop(self, name: str) -> None:
         if self.group is not None and name in self.group:
@@ -247,8 +268,8 @@ def _block_gram(block: np.ndarray) -> np.ndarray:
     return (block @ block.T)[:, :, None]
 
 
-def _gram(x: da.Array) -> np.ndarray:
-    """``x @ x.T`` (rows x rows) summed over voxel blocks: one bounded compute.
+def _gram_lazy(x: da.Array) -> da.Array:
+    """``x @ x.T`` (rows x rows) summed over voxel blocks, lazily.
 
     Each ``(rows, block)`` column block is one task, used once (its rows are merged first):
     with several row chunks, ``x @ x.T`` would use every block in several partial products,
@@ -258,12 +279,41 @@ def _gram(x: da.Array) -> np.ndarray:
     n = x.shape[0]
     parts = da.blockwise(_block_gram, "ijb", x, "kb", new_axes={"i": n, "j": n},
                          adjust_chunks={"b": 1}, concatenate=True, dtype=np.float64)
-    return np.asarray(parts.sum(axis=2).compute())
+    return parts.sum(axis=2)
+
+
+def _gram(x: da.Array) -> np.ndarray:
+    """``x @ x.T`` (rows x rows) summed over voxel blocks: one bounded compute."""
+    return np.asarray(_gram_lazy(x).compute())
+
+
+def _block_cross(w_block: np.ndarray, y_block: np.ndarray) -> np.ndarray:
+    return np.concatenate([w_block @ y_block.T, y_block @ y_block.T])[:, :, None]
+
+
+def _cross_gram_lazy(w: da.Array, y: da.Array) -> da.Array:
+    """``[w; y] @ y.T`` (``(rows_w + rows_y) x rows_y``) summed over voxel blocks, lazily.
+
+    With the known Gram matrix of ``w`` this completes the Gram matrix of ``[w; y]``
+    without recomputing ``w @ w.T``.
+    """
+    w, y = w.rechunk({0: -1}), y.rechunk({0: -1})
+    n_w, n_y = w.shape[0], y.shape[0]
+    parts = da.blockwise(_block_cross, "ijb", w, "kb", y, "lb",
+                         new_axes={"i": n_w + n_y, "j": n_y}, adjust_chunks={"b": 1},
+                         concatenate=True, dtype=np.float64)
+    return parts.sum(axis=2)
 
 
 def _top_eigh(gram: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``n`` largest eigenvalues (descending, clipped at 0) and their eigenvectors."""
-    vals, vecs = np.linalg.eigh((gram + gram.T) / 2)
+    """The ``n`` largest eigenvalues (descending, clipped at 0) and their eigenvectors.
+
+    On one BLAS thread: for these small matrices a multi-threaded LAPACK only adds
+    synchronisation, and on a busy machine (the workers computing next to the client)
+    OpenBLAS threads waiting for a core made one 300 x 300 ``eigh`` take seconds.
+    """
+    with _blas_threads(gram.size):
+        vals, vecs = np.linalg.eigh((gram + gram.T) / 2)
     order = np.argsort(vals)[::-1][:n]
     return np.clip(vals[order], 0.0, None), vecs[:, order]
 
@@ -287,6 +337,23 @@ def _vn_block(block: np.ndarray, u: np.ndarray | None = None) -> np.ndarray:
     return y / np.maximum(std, _VN_FLOOR)
 
 
+def _vn_gram_lazy(x: da.Array, variance_normalize: bool) -> da.Array | None:
+    """Lazy Gram matrix of the demeaned subject data (first pass of :func:`_normalise`), or
+    None when no variance normalisation is needed."""
+    if not variance_normalize or min(_VN_COMPONENTS, x.shape[0] // 2) < 1:
+        return None
+    return _gram_lazy(x.map_blocks(_vn_block, u=None, dtype=np.float64))
+
+
+def _vn_apply(x: da.Array, gram: np.ndarray | None) -> da.Array:
+    """Lazily demeaned (and, with the Gram matrix of :func:`_vn_gram_lazy`, robustly
+    variance-normalised) subject data."""
+    u = None
+    if gram is not None:
+        _, u = _top_eigh(gram, min(_VN_COMPONENTS, x.shape[0] // 2))
+    return x.map_blocks(_vn_block, u=u, dtype=np.float64)
+
+
 def _normalise(x: da.Array, variance_normalize: bool) -> da.Array:
     """Demeaned (and robustly variance-normalised) subject data, lazily.
 
@@ -295,14 +362,8 @@ def _normalise(x: da.Array, variance_normalize: bool) -> da.Array:
     ``T x T`` Gram matrix, computed over voxel blocks in one pass), floored at 0.001, as the
     variance normalisation of MIGP/MELODIC (Smith et al. 2014).
     """
-    u = None
-    if variance_normalize:
-        t = x.shape[0]
-        r = min(_VN_COMPONENTS, t // 2)
-        if r > 0:
-            centred = x.map_blocks(_vn_block, u=None, dtype=np.float64)
-            _, u = _top_eigh(_gram(centred), r)
-    return x.map_blocks(_vn_block, u=u, dtype=np.float64)
+    gram = _vn_gram_lazy(x, variance_normalize)
+    return _vn_apply(x, None if gram is None else np.asarray(gram.compute()))
 
 
 def _blas_threads(size: int) -> threadpool_limits:
@@ -389,11 +450,14 @@ class MIGP(BaseEstimator):
     trigger one; Smith et al. take the top rows of ``W`` as it is).
 
     Each subject's data are read twice (the Gram matrix for the variance normalisation,
-    then the normalised data, written to ``workdir``); each reduction reads ``W`` and the
-    new rows twice (Gram matrix, then ``U^T W``, written to ``workdir``). Each compute
-    returns a ``rows x rows`` matrix or writes blocks: per-process memory is a few
-    ``(d_internal + T, block_size)`` blocks, whatever ``n_voxels`` and the number of
-    subjects.
+    then the normalised data, written to ``workdir`` while the cross products
+    ``[W; Y_s] Y_s^T`` are summed: ``W W^T`` is known, ``diag`` of the eigenvalues after a
+    reduction); each reduction then reads ``W`` and the new rows once more to write
+    ``U^T [W; Y_s]``, in the same compute as the next subject's first pass. So two
+    scheduling rounds per subject, each returning a ``rows x rows`` matrix or writing
+    blocks: per-process memory is a few ``(d_internal + T, block_size)`` blocks, whatever
+    ``n_voxels`` and the number of subjects. The small eigendecompositions run in the
+    calling process on one BLAS thread.
     """
 
     def __init__(self, n_components: int, *, d_internal: int | None = None,
@@ -433,46 +497,80 @@ class MIGP(BaseEstimator):
         rows_seen: list[int] = []
         voxels: _Voxels | None = None
         d_int = block = 0
+
+        def prepare(entry: tuple[int, Any] | None
+                    ) -> tuple[int, da.Array, da.Array | None] | None:
+            """Open a subject: ``(position, data, lazy Gram of its first pass)``."""
+            nonlocal voxels, d_int, block
+            if entry is None:
+                return None
+            position, item = entry
+            x, template = _load(item, position)
+            t, n_vox = x.shape
+            if voxels is None:
+                voxels = _Voxels(template, n_vox)
+                d_int = int(self.d_internal) if self.d_internal else 2 * t
+                d_int = max(d_int, k)
+                block = _block_size(self.block_size, d_int + t, n_vox)
+            else:
+                voxels.check(template, n_vox, position)
+            x = x.rechunk((-1, block))
+            return position, x, _vn_gram_lazy(x, self.variance_normalize)
+
         w: da.Array | None = None
+        w_gram: np.ndarray | None = None  # W W^T, known without another pass over W
         w_vals: np.ndarray | None = None
         live: list[str] = []
+        subjects_iter = _shuffled(subjects, rng, max(1, int(self.shuffle_buffer)))
         with _Scratch(self.workdir, self.storage_options) as scratch:
-            for step, (position, item) in enumerate(
-                    _shuffled(subjects, rng, max(1, int(self.shuffle_buffer)))):
-                x, template = _load(item, position)
-                t, n_vox = x.shape
-                if voxels is None:
-                    voxels = _Voxels(template, n_vox)
-                    d_int = int(self.d_internal) if self.d_internal else 2 * t
-                    d_int = max(d_int, k)
-                    block = _block_size(self.block_size, d_int + t, n_vox)
-                else:
-                    voxels.check(template, n_vox, position)
-                x = x.rechunk((-1, block))
+            current = prepare(next(subjects_iter, None))
+            if current is None:
+                raise ValueError("no subject given")
+            vn_gram = None if current[2] is None else np.asarray(current[2].compute())
+            step = 0
+            while current is not None:
+                # Per subject, two passes (computes): (1) normalise, write Y_s and get the
+                # cross products [W; Y_s] Y_s^T (W W^T is known); (2) when reducing, write
+                # W <- U^T [W; Y_s] and, in the same pass, the next subject's first pass
+                # (the Gram matrix of its variance normalisation).
+                position, x, _ = current
+                y = _vn_apply(x, vn_gram)
                 name = f"y{step}"
-                y_s = scratch.put(name, _normalise(x, self.variance_normalize), block)
+                if w is None:
+                    y_s, (z_gram,) = scratch.put_with(name, y, block, [_gram_lazy(y)])
+                    z = y_s
+                else:
+                    y_s, (cross,) = scratch.put_with(name, y, block,
+                                                     [_cross_gram_lazy(w, y)])
+                    n_w = w.shape[0]
+                    z_gram = np.block([[w_gram, cross[:n_w]], [cross[:n_w].T, cross[n_w:]]])
+                    z = da.concatenate([w, y_s], axis=0)
                 live.append(name)
-                z = y_s if w is None else da.concatenate([w, y_s], axis=0)
+                upcoming = prepare(next(subjects_iter, None))
+                next_gram = None if upcoming is None else upcoming[2]
                 if z.shape[0] > d_int:
-                    w_vals, vecs = _top_eigh(_gram(z), d_int)
+                    w_vals, vecs = _top_eigh(z_gram, d_int)
                     name = f"w{step}"
-                    w = scratch.put(name, _project(vecs.T, z), block)
+                    w, (vn_gram,) = scratch.put_with(name, _project(vecs.T, z), block,
+                                                     [next_gram])
+                    w_gram = np.diag(w_vals)  # U^T Z Z^T U
                     for old in live:
                         scratch.drop(old)
                     live = [name]
                 else:
-                    w, w_vals = z, None
+                    w, w_gram, w_vals = z, z_gram, None
+                    vn_gram = None if next_gram is None else np.asarray(next_gram.compute())
                 order.append(position)
                 rows_seen.append(int(w.shape[0]))
-            if w is None:
-                raise ValueError("no subject given")
+                current = upcoming
+                step += 1
             if w.shape[0] < k:
                 raise ValueError(f"n_components={k} exceeds the {w.shape[0]} rows of the "
                                  "group data")
             if w_vals is not None:  # just reduced: W W^T = diag(w_vals), rows in order
                 vals, comps = w_vals[:k], np.asarray(w[:k].compute())
             else:
-                vals, vecs = _top_eigh(_gram(w), k)
+                vals, vecs = _top_eigh(w_gram, k)
                 comps = np.asarray(_project(vecs.T, w).compute())
         self.components_ = _flip_rows(comps)
         self.singular_values_ = np.sqrt(vals)
@@ -493,16 +591,23 @@ class MIGP(BaseEstimator):
 # ------------------------------------------------------------------------------------------
 def _canica_reduce(subjects: Iterable[SubjectLike], k: int, *, do_cca: bool,
                    random_state: Any, n_power_iter: int, scratch: _Scratch,
-                   block_size: int | None) -> tuple[np.ndarray, np.ndarray, _Voxels, int, int]:
+                   block_size: int | None, out: dict | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, _Voxels, int, int]:
     """Per-subject PCA, stacking, randomized SVD: nilearn ``_MultiPCA`` over voxel blocks.
 
     Returns the group components ``(k, V)`` (unit rows), their singular values, the voxel
-    set, the number of subjects and the block size.
+    set, the number of subjects and the block size. ``out``, if given, receives the lazy
+    stacked subject rows (``"stacked"``, in ``scratch``: valid while it is open) and each
+    row's singular value (``"row_norms"``: the CCA divisors, ones without CCA).
     """
     parts: list[da.Array] = []
+    row_norms: list[np.ndarray] = []
     voxels: _Voxels | None = None
     block = 0
-    for s, item in enumerate(subjects):
+
+    def prepare(s: int, item: Any) -> tuple[da.Array, da.Array]:
+        """Open subject ``s``: its data and the lazy Gram matrix of its PCA."""
+        nonlocal voxels, block
         x, template = _load(item, s)
         t, n_vox = x.shape
         if voxels is None:
@@ -511,15 +616,31 @@ def _canica_reduce(subjects: Iterable[SubjectLike], k: int, *, do_cca: bool,
         else:
             voxels.check(template, n_vox, s)
         x = x.rechunk((-1, block))
+        return x, _gram_lazy(x)
+
+    items = enumerate(subjects)
+    first = next(items, None)
+    current = None if first is None else prepare(*first)
+    gram = None if current is None else np.asarray(current[1].compute())
+    s = 0
+    while current is not None:
+        x = current[0]
         # nilearn: SVD of the cleaned data (not re-centred), keep min(k, T) rows U^T X = S V^T
-        vals, vecs = _top_eigh(_gram(x), min(k, t))
+        vals, vecs = _top_eigh(gram, min(k, x.shape[0]))
         rows = _project(vecs.T, x)
+        norms = np.ones(rows.shape[0])
         if do_cca:  # each row divided by its L2 norm (= its singular value)
-            norms = np.sqrt(vals)
+            norms = np.sqrt(np.clip(vals, 0, None))
             norms[norms == 0] = 1.0
             rows = rows / norms[:, None]
-        name = f"pca{s}"
-        parts.append(scratch.put(name, rows, block))
+        row_norms.append(norms)
+        upcoming = next(items, None)
+        current = None if upcoming is None else prepare(*upcoming)
+        # write this subject's rows and, in the same pass, the next subject's Gram matrix
+        stored, (gram,) = scratch.put_with(f"pca{s}", rows, block,
+                                           [None if current is None else current[1]])
+        parts.append(stored)
+        s += 1
     if voxels is None:
         raise ValueError("no subject given")
     stacked = da.concatenate(parts, axis=0)
@@ -536,6 +657,9 @@ def _canica_reduce(subjects: Iterable[SubjectLike], k: int, *, do_cca: bool,
                                             n_power_iter=n_power_iter, seed=int(seed),
                                             compute=True)
         sv, v = dask.compute(sv, v)
+    if out is not None:
+        out["stacked"] = stacked
+        out["row_norms"] = np.concatenate(row_norms)
     return np.asarray(v), np.asarray(sv), voxels, len(parts), block
 
 
@@ -555,13 +679,13 @@ def _fastica(x: np.ndarray, *, whiten: str, fun: str, random_state: Any, max_ite
     x = np.asarray(x, dtype=np.float64)
     n = x.shape[0]
     xt = (x - x.mean(axis=0)).T
-    u, d = linalg.svd(xt, full_matrices=False, check_finite=False)[:2]
-    u *= np.where(u[0] < 0, -1.0, 1.0)
-    x1 = ((u / d).T @ xt) * np.sqrt(n)
     with _blas_threads(x.size):
+        u, d = linalg.svd(xt, full_matrices=False, check_finite=False)[:2]
+        u *= np.where(u[0] < 0, -1.0, 1.0)
+        x1 = ((u / d).T @ xt) * np.sqrt(n)
         _, w, _ = fastica(x1.T, whiten=False, fun=fun, random_state=random_state,
                           max_iter=max_iter, tol=tol)
-    sources = (w @ x1).T / np.sqrt(n)
+        sources = (w @ x1).T / np.sqrt(n)
     if whiten == "unit-variance":
         sources /= np.std(sources, axis=0, keepdims=True)
     return sources
@@ -634,7 +758,8 @@ def _melodic_unmix(eigenmaps: np.ndarray, *, random_state: Any, fun: str,
     sources = _fastica(x, whiten="unit-variance", fun=fun, random_state=seed,
                        max_iter=max_iter, tol=tol)
     centred = x - x.mean(axis=0)
-    mixing = np.linalg.lstsq(sources, centred, rcond=None)[0].T  # (k_pca, k_ica)
+    with _blas_threads(x.size):
+        mixing = np.linalg.lstsq(sources, centred, rcond=None)[0].T  # (k_pca, k_ica)
     energy = (mixing**2).sum(axis=0) * (sources**2).sum(axis=0)
     order = np.argsort(energy)[::-1]
     sources, mixing = sources[:, order], mixing[:, order]
