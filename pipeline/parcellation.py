@@ -194,7 +194,8 @@ def _bold_label_signals(bold: xr.DataArray, mask: np.ndarray, atlas: Atlas,
                          f"{bold.shape[:3]}; load it with load_atlas(reference=...)")
     n_regions = len(atlas.labels)
     keys = np.asarray(atlas.labels, dtype=np.int64)
-    ridx = np.full(mask.shape, -1, dtype=np.int32)
+    # embedded in the graph (one slice per chunk): the smallest integer type that fits
+    ridx = np.full(mask.shape, -1, dtype=np.int16 if n_regions < 2**15 else np.int32)
     labelled = mask & np.isin(atlas.data, keys)
     sorter = np.argsort(keys)
     ridx[labelled] = sorter[np.searchsorted(keys, atlas.data[labelled], sorter=sorter)]
