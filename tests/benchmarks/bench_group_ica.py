@@ -1,0 +1,547 @@
+"""Group ICA (issue 4): boldflow's ``GroupICA`` against nilearn's ``CanICA``, and MIGP scaling.
+
+1. Side by side on the same simulated subjects (default 16 x 40x48x40 at 4 mm x 200
+   volumes): nilearn ``CanICA`` in a fresh subprocess, on the ``.nii.gz`` files, with the
+   group mask, against ``GroupICA(method="migp")`` and ``GroupICA(method="canica")`` from the
+   ingested Zarr store (``open_run -> apply_mask -> clean_signals``) on a ``LocalCluster`` of
+   single-threaded worker processes with a fixed ``memory_limit`` (a fresh cluster per
+   measurement). Wall time, CPU seconds, peak RSS of each worker and of the client process
+   (sampled every 10 ms), nilearn's peak RSS (sampled, and the child's own ``ru_maxrss``).
+   Ingest is measured separately and added to a total. Agreement: Hungarian-matched
+   ``|spatial r|`` of boldflow's maps with nilearn's, and recovery of the simulated networks
+   (best ``|r|`` of any map with each true network map).
+   Targets (issue 4): faster than CanICA; peak memory per worker at least 4x below CanICA's.
+2. MIGP scaling: ``GroupICA(method="migp")`` on the first 16, 64 and 256 subjects of one
+   simulated dataset (default 20x24x20 x 100 volumes): wall time per subject (linear in
+   subjects?) and peak worker / client RSS (constant?).
+
+Cleaning, both sides: linear detrend, Butterworth high-pass at 0.01 Hz and ``zscore_sample``
+standardisation per voxel (TR 2 s), no confounds, no smoothing (nilearn
+``smoothing_fwhm=None``), the same group mask (intersection of the runs' brain masks) and
+the same ``n_components`` and seeds.
+
+Run (not part of the test suite; the machine's load average is printed with each row)::
+
+    python tests/benchmarks/bench_group_ica.py
+    python tests/benchmarks/bench_group_ica.py --parts 2 --sizes 16,64,256
+
+Prints Markdown for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+MB = 1e6
+CLEAN: dict[str, Any] = {"detrend": True, "standardize": "zscore_sample", "high_pass": 0.01,
+                         "t_r": 2.0}
+
+
+# ------------------------------------------------------------------------- data
+
+
+def make_data(out: Path, n_subjects: int, shape: tuple[int, int, int], voxel_size: float,
+              n_volumes: int) -> Path:
+    """Simulated fMRIPrep-like derivatives, cached under ``out`` (``.done`` marker).
+
+    Parameters
+    ----------
+    out : pathlib.Path
+        Cache folder.
+    n_subjects, shape, voxel_size, n_volumes
+        Passed to :func:`pipeline.simulate.simulate_dataset` (seed 0, float32).
+
+    Returns
+    -------
+    pathlib.Path
+        The dataset root.
+    """
+    from pipeline.simulate import simulate_dataset
+
+    name = f"groupica-{n_subjects}-{'x'.join(map(str, shape))}-{voxel_size:g}mm-{n_volumes}"
+    root = out / name
+    marker = root / ".done"
+    if not marker.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        simulate_dataset(root, n_subjects=n_subjects, shape=shape, voxel_size=voxel_size,
+                         n_volumes=n_volumes, seed=0)
+        marker.touch()
+    return root
+
+
+def find_bold(root: Path) -> dict[str, str]:
+    """``{subject: path of its preprocessed BOLD .nii.gz}``, sorted by subject."""
+    out = {}
+    for bold in sorted(root.glob("sub-*/func/*_desc-preproc_bold.nii.gz")):
+        out[bold.name.split("_")[0].removeprefix("sub-")] = str(bold)
+    return out
+
+
+# ------------------------------------------------------------------------- measuring
+
+
+class Sampler(threading.Thread):
+    """Polls the RSS of some processes until stopped; keeps each one's maximum.
+
+    Parameters
+    ----------
+    pids : iterable of int
+        Processes to watch.
+    period : float, default=0.01
+        Seconds between polls.
+    """
+
+    def __init__(self, pids: Any, period: float = 0.01) -> None:
+        super().__init__(daemon=True)
+        self.procs = {pid: psutil.Process(pid) for pid in pids}
+        self.period = period
+        self.peaks = dict.fromkeys(self.procs, 0)
+        self._stop_evt = threading.Event()
+
+    def run(self) -> None:
+        """Poll until :meth:`stop`."""
+        while not self._stop_evt.is_set():
+            for pid, proc in self.procs.items():
+                with contextlib.suppress(psutil.Error):
+                    self.peaks[pid] = max(self.peaks[pid], proc.memory_info().rss)
+            time.sleep(self.period)
+
+    def stop(self) -> dict[int, int]:
+        """Stop polling; the peak RSS (bytes) of each process."""
+        self._stop_evt.set()
+        self.join()
+        return self.peaks
+
+
+def _proc_cpu() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+@contextlib.contextmanager
+def measured(client: Any = None, worker_pids: tuple[int, ...] | list[int] = ()
+             ) -> Iterator[dict]:
+    """Wall time, CPU s (client process, workers) and peak RSS (client, each worker).
+
+    Parameters
+    ----------
+    client : distributed.Client, optional
+        Its workers' CPU time is read before and after.
+    worker_pids : sequence of int
+        Worker processes whose RSS is sampled.
+
+    Yields
+    ------
+    dict
+        Filled on exit: ``wall``, ``cpu_client``, ``cpu_workers``, ``rss_client``,
+        ``rss_client_before``, ``rss_workers`` (list, one per worker),
+        ``rss_workers_before``, ``load`` (1-minute load average at the end).
+    """
+    rec: dict = {}
+    me = os.getpid()
+    rec["rss_client_before"] = _rss()
+    rec["rss_workers_before"] = [psutil.Process(p).memory_info().rss for p in worker_pids]
+    sampler = Sampler([me, *worker_pids])
+    sampler.start()
+    w0 = sum(client.run(_proc_cpu).values()) if client is not None else 0.0
+    c0 = _proc_cpu()
+    t0 = time.perf_counter()
+    try:
+        yield rec
+    finally:
+        rec["wall"] = time.perf_counter() - t0
+        rec["cpu_client"] = _proc_cpu() - c0
+        rec["cpu_workers"] = (sum(client.run(_proc_cpu).values()) - w0
+                              if client is not None else 0.0)
+        peaks = sampler.stop()
+        rec["rss_client"] = peaks[me]
+        rec["rss_workers"] = [peaks[p] for p in worker_pids]
+        rec["load"] = os.getloadavg()[0]
+
+
+@contextlib.contextmanager
+def cluster(n_workers: int, memory_limit: str) -> Iterator[tuple[Any, list[int]]]:
+    """A fresh ``LocalCluster`` of single-threaded worker processes, modules imported.
+
+    Yields
+    ------
+    (distributed.Client, list of int)
+        The client (the default scheduler meanwhile) and the worker pids.
+    """
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                      memory_limit=memory_limit, dashboard_address=":0") as lc, \
+            Client(lc) as client:
+        client.run(lambda: [__import__(m) for m in (
+            "storage", "pipeline.signal", "pipeline.masking", "pipeline.decomposition.group",
+            "zarr", "sklearn.decomposition")])
+        yield client, list(client.run(os.getpid).values())
+
+
+# ------------------------------------------------------------------------- nilearn
+
+
+def nilearn_child(spec_path: str) -> None:
+    """Subprocess entry point: fit nilearn ``CanICA`` as the spec says, save the maps."""
+    spec = json.loads(Path(spec_path).read_text())
+    t_imp = time.perf_counter()
+    from nilearn.decomposition import CanICA
+
+    rss_imported = _rss()
+    imports = time.perf_counter() - t_imp
+    warnings.simplefilter("ignore")
+    ica = CanICA(mask=spec["mask"], n_components=spec["k"], smoothing_fwhm=None,
+                 n_init=spec["n_init"], random_state=0, threshold="auto",
+                 standardize="zscore_sample", detrend=True, high_pass=CLEAN["high_pass"],
+                 t_r=CLEAN["t_r"])
+    c0 = _proc_cpu()
+    t0 = time.perf_counter()
+    ica.fit(spec["files"])
+    wall = time.perf_counter() - t0
+    cpu = _proc_cpu() - c0
+    np.save(spec["out"], np.asarray(ica.components_, dtype=np.float64))
+    Path(spec["out"]).with_suffix(".json").write_text(json.dumps({
+        "wall_fit": wall, "cpu_fit": cpu, "imports": imports, "rss_imported": rss_imported,
+        "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def run_nilearn(files: list[str], mask: Path, k: int, n_init: int, tmp: Path
+                ) -> tuple[dict, np.ndarray]:
+    """nilearn ``CanICA`` in a fresh Python process; its measures and ``(k, V)`` maps.
+
+    The child times ``fit`` itself (imports excluded); peak RSS is the larger of the
+    parent's 10 ms samples of the child and the child's ``ru_maxrss``.
+    """
+    out = tmp / "nilearn_components.npy"
+    spec = tmp / "nilearn_spec.json"
+    spec.write_text(json.dumps({"files": files, "mask": str(mask), "k": k, "n_init": n_init,
+                                "out": str(out)}))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--nilearn-child", str(spec)])
+    sampler = Sampler([proc.pid])
+    sampler.start()
+    rc = proc.wait()
+    total = time.perf_counter() - t0
+    peak = sampler.stop()[proc.pid]
+    if rc != 0:
+        raise RuntimeError(f"nilearn child failed with exit code {rc}")
+    info = json.loads(out.with_suffix(".json").read_text())
+    info.update(wall_process=total, rss_sampled=peak, rss=max(peak, info["maxrss"]),
+                load=os.getloadavg()[0])
+    return info, np.load(out)
+
+
+# ------------------------------------------------------------------------- boldflow
+
+
+def ingest(root: Path, store: Path, n_workers: int, memory_limit: str) -> dict:
+    """``storage.ingest`` of every run on a fresh cluster, measured."""
+    import storage
+
+    with cluster(n_workers, memory_limit) as (client, pids), measured(client, pids) as rec:
+        cat = storage.ingest(root, store, client=client)
+    assert (cat["status"] == "complete").all(), cat["error"].tolist()
+    return rec
+
+
+def group_mask(store: Path, subs: list[str], path: Path) -> Any:
+    """Intersection of the runs' brain masks (an ``(x, y, z)`` DataArray), saved as NIfTI."""
+    import nibabel as nib
+
+    import storage
+    from pipeline.masking import intersect_masks
+
+    bs = storage.open_store(store)
+    runs = [bs.open_run(subject=s, task="rest") for s in subs]
+    mask = intersect_masks([r["mask"] for r in runs], threshold=1.0)
+    nib.save(nib.Nifti1Image(mask.values.astype(np.uint8), runs[0].attrs["affine"]), path)
+    return mask
+
+
+def subjects(store: Path, subs: list[str], mask: Any, block_bytes: str = "128MiB"
+             ) -> list[Any]:
+    """Lazy cleaned ``(time, voxel)`` DataArrays, as the pipeline's decompose step builds."""
+    import storage
+    from pipeline.masking import apply_mask
+    from pipeline.signal import clean_signals
+
+    bs = storage.open_store(store)
+    out = []
+    for s in subs:
+        m = apply_mask(bs.open_run(subject=s, task="rest", block_bytes=block_bytes), mask)
+        out.append(m.copy(data=clean_signals(m.data, **CLEAN)))
+    return out
+
+
+def fit_boldflow(method: str, store: Path, subs: list[str], mask: Any, k: int, n_init: int,
+                 n_workers: int, memory_limit: str, block_bytes: str = "128MiB"
+                 ) -> tuple[dict, Any]:
+    """``GroupICA(k, method=method)`` on a fresh cluster (graph building included)."""
+    from pipeline.decomposition.group import GroupICA
+
+    with cluster(n_workers, memory_limit) as (client, pids), measured(client, pids) as rec:
+        ica = GroupICA(k, method=method, n_init=n_init, random_state=0)
+        ica.fit(subjects(store, subs, mask, block_bytes))
+    return rec, ica
+
+
+# ------------------------------------------------------------------------- agreement
+
+
+def abs_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``|pearson r|`` between every row of ``a`` and every row of ``b``."""
+    a = (a - a.mean(1, keepdims=True)) / a.std(1, keepdims=True)
+    b = (b - b.mean(1, keepdims=True)) / b.std(1, keepdims=True)
+    return np.abs(a @ b.T) / a.shape[1]
+
+
+def matched(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hungarian matching of the rows of ``a`` and ``b`` on ``|r|``: the matched ``|r|``,
+    sorted descending."""
+    from scipy.optimize import linear_sum_assignment
+
+    c = abs_corr(a, b)
+    rows, cols = linear_sum_assignment(-c)
+    return np.sort(c[rows, cols])[::-1]
+
+
+def recovery(maps: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Best ``|r|`` of any map with each true network map."""
+    return abs_corr(truth, maps).max(axis=1)
+
+
+def network_agreement(ours: np.ndarray, ref: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per true network: ``|r|`` between our map and nilearn's map that match it best."""
+    bo, br = abs_corr(truth, ours).argmax(1), abs_corr(truth, ref).argmax(1)
+    return np.array([abs_corr(ours[[i]], ref[[j]])[0, 0] for i, j in zip(bo, br, strict=True)])
+
+
+# ------------------------------------------------------------------------- report
+
+
+def machine_facts() -> list[str]:
+    """Markdown bullet lines: CPU, RAM, OS, library versions."""
+    import dask
+    import distributed
+    import nilearn
+    import scipy
+    import sklearn
+    import zarr
+
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return [
+        f"- machine: {os.cpu_count()} cores ({cpu}), "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.system()} "
+        f"{platform.release()}; Python {platform.python_version()}",
+        f"- numpy {np.__version__}, scipy {scipy.__version__}, scikit-learn "
+        f"{sklearn.__version__}, nilearn {nilearn.__version__}, dask/distributed "
+        f"{dask.__version__}/{distributed.__version__}, zarr {zarr.__version__}",
+    ]
+
+
+def _mb(x: float) -> str:
+    return f"{x / MB:.0f}"
+
+
+def part1(args: argparse.Namespace, tmp: Path, say: Any) -> None:
+    """boldflow GroupICA (MIGP, CanICA) vs nilearn CanICA on the same subjects."""
+    from pipeline.simulate import load_truth
+
+    shape = tuple(int(s) for s in args.shape.split(","))
+    root = make_data(args.data, args.subjects, shape, args.voxel_size, args.volumes)
+    bold = find_bold(root)
+    subs = list(bold)
+    store = tmp / "p1.zarr"
+    ing = ingest(root, store, args.workers, args.memory_limit)
+    mask_path = tmp / "group_mask.nii.gz"
+    mask = group_mask(store, subs, mask_path)
+    n_vox = int(mask.values.sum())
+    n_bytes = float(np.prod(shape)) * args.volumes * 4 * len(subs)
+
+    nl, nl_maps = run_nilearn([bold[s] for s in subs], mask_path, args.components,
+                              args.n_init, tmp)
+    fits = {m: fit_boldflow(m, store, subs, mask, args.components, args.n_init,
+                            args.workers, args.memory_limit, args.block_bytes)
+            for m in ("migp", "canica")}
+
+    truth_all = load_truth(root)["network_maps"]
+    ijk = fits["migp"][1].voxel_ijk_
+    order = np.lexsort(ijk.T[::-1])  # nilearn's maps: C order of the mask grid
+    truth = truth_all[(slice(None), *ijk[order].T)]
+
+    say(f"\n### 1. Group ICA, {len(subs)} subjects: boldflow vs nilearn CanICA\n")
+    say(f"- data: {len(subs)} simulated subjects, {'x'.join(map(str, shape))} at "
+        f"{args.voxel_size:g} mm x {args.volumes} volumes, float32 ({n_bytes / MB:.0f} MB "
+        f"of BOLD uncompressed in all), TR 2 s; group mask (intersection of the brain masks)"
+        f" {n_vox} voxels; {truth.shape[0]} simulated networks")
+    say(f"- both sides: n_components={args.components}, n_init={args.n_init} (CanICA), "
+        "random_state=0, cleaning = detrend + Butterworth high-pass 0.01 Hz + zscore_sample "
+        "per voxel (no confounds, no smoothing)")
+    say(f"- nilearn: CanICA(mask=group mask, smoothing_fwhm=None, threshold='auto') on the "
+        f".nii.gz files, in a fresh Python process (its `fit` timed inside it; imports took "
+        f"{nl['imports']:.1f} s and {_mb(nl['rss_imported'])} MB RSS before the fit; whole "
+        f"process {nl['wall_process']:.1f} s)")
+    say(f"- boldflow: GroupICA from the ingested store (open_run -> apply_mask -> "
+        f"clean_signals, built in the client; open_run block_bytes={args.block_bytes}), "
+        f"LocalCluster({args.workers} worker processes "
+        f"x 1 thread, memory_limit={args.memory_limit}), a fresh cluster per row; ingest "
+        f"({len(subs)} runs, default options) on its own cluster: {ing['wall']:.1f} s wall, "
+        f"{ing['cpu_workers']:.1f} worker CPU s, peak worker RSS "
+        f"{_mb(max(ing['rss_workers']))} MB, load {ing['load']:.1f}")
+    say("")
+    say("| implementation | fit wall s | + ingest = total s | CPU s (workers + client) | "
+        "peak RSS per worker MB (idle before) | peak client RSS MB (before) | "
+        "nilearn peak / worst worker | same, above the idle process (nilearn: after its "
+        "imports) | faster than CanICA? (fit / incl. ingest) | "
+        "memory >= 4x below? (absolute / above idle) | load avg |")
+    say("|---|---|---|---|---|---|---|---|---|---|---|")
+    say(f"| nilearn CanICA (1 process) | {nl['wall_fit']:.1f} | (reads .nii.gz) | "
+        f"{nl['cpu_fit']:.1f} | {_mb(nl['rss'])} (sampled {_mb(nl['rss_sampled'])}, "
+        f"ru_maxrss {_mb(nl['maxrss'])}) | | 1 | 1 ({_mb(nl['rss'] - nl['rss_imported'])} "
+        f"MB above imports) | reference | | {nl['load']:.1f} |")
+    for method, (rec, _) in fits.items():
+        worst = max(rec["rss_workers"])
+        ratio = nl["rss"] / worst
+        idle = max(rec["rss_workers_before"])
+        ratio_inc = (nl["rss"] - nl["rss_imported"]) / max(worst - idle, 1)
+        total = rec["wall"] + ing["wall"]
+        faster = ("yes" if rec["wall"] < nl["wall_fit"] else "**no**") + " / " + \
+            ("yes" if total < nl["wall_fit"] else "**no**")
+        say(f"| **boldflow GroupICA(method='{method}')** | {rec['wall']:.1f} "
+            f"({nl['wall_fit'] / rec['wall']:.1f}x) | {total:.1f} "
+            f"({nl['wall_fit'] / total:.1f}x) | "
+            f"{rec['cpu_workers'] + rec['cpu_client']:.1f} ({rec['cpu_workers']:.1f} + "
+            f"{rec['cpu_client']:.1f}) | "
+            f"{' / '.join(_mb(r) for r in rec['rss_workers'])} "
+            f"({' / '.join(_mb(r) for r in rec['rss_workers_before'])}) | "
+            f"{_mb(rec['rss_client'])} ({_mb(rec['rss_client_before'])}) | {ratio:.1f}x | "
+            f"{ratio_inc:.1f}x ({_mb(worst - idle)} MB) | {faster} | "
+            f"{'yes' if ratio >= 4 else '**no**'} / {'yes' if ratio_inc >= 4 else '**no**'} | "
+            f"{rec['load']:.1f} |")
+
+    say("\nAgreement (maps reordered to nilearn's voxel order):\n")
+    say("| maps | matched \\|r\\| with nilearn's (Hungarian; median / min over all "
+        f"{args.components}; top 6) | per true network: \\|r\\| of the best-matching maps "
+        "(ours vs nilearn's) | recovery: best \\|r\\| with each true network (min / median) |")
+    say("|---|---|---|---|")
+    rec_nl = recovery(nl_maps, truth)
+    say(f"| nilearn CanICA | | | {rec_nl.min():.3f} / {np.median(rec_nl):.3f} |")
+    for method, (_, ica) in fits.items():
+        ours = ica.components_[:, order]
+        m = matched(ours, nl_maps)
+        agree = network_agreement(ours, nl_maps, truth)
+        rec_t = recovery(ours, truth)
+        say(f"| boldflow {method} | {np.median(m):.3f} / {m.min():.3f}; "
+            f"{' '.join(f'{v:.3f}' for v in m[:6])} | "
+            f"{' '.join(f'{v:.3f}' for v in agree)} | {rec_t.min():.3f} / "
+            f"{np.median(rec_t):.3f} |")
+
+
+def part2(args: argparse.Namespace, tmp: Path, say: Any) -> None:
+    """MIGP time and memory as the number of subjects grows."""
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    shape = tuple(int(s) for s in args.scaling_shape.split(","))
+    root = make_data(args.data, max(sizes), shape, 3.0, args.scaling_volumes)
+    subs_all = list(find_bold(root))
+    store = tmp / "p2.zarr"
+    ing = ingest(root, store, args.workers, args.memory_limit)
+    mask = group_mask(store, subs_all, tmp / "group_mask_p2.nii.gz")
+    n_vox = int(mask.values.sum())
+    say(f"\n### 2. MIGP scaling: the first N of {max(sizes)} subjects\n")
+    say(f"- data: {'x'.join(map(str, shape))} at 3 mm x {args.scaling_volumes} volumes, "
+        f"float32, {n_vox} voxels in the group mask; ingest of all {len(subs_all)} runs: "
+        f"{ing['wall']:.1f} s wall ({ing['cpu_workers']:.1f} worker CPU s)")
+    say(f"- GroupICA(n_components={args.components}, method='migp', random_state=0), "
+        f"default d_internal (2 x T = {2 * args.scaling_volumes}); LocalCluster("
+        f"{args.workers} x 1 thread, memory_limit={args.memory_limit}), fresh per row; "
+        "wall includes building the subjects' lazy arrays in the client")
+    say("")
+    say("| subjects | wall s | s per subject | CPU s (workers + client) | peak worker RSS MB "
+        "(idle before) | peak client RSS MB (before) | load avg |")
+    say("|---|---|---|---|---|---|---|")
+    for n in sizes:
+        rec, ica = fit_boldflow("migp", store, subs_all[:n], mask, args.components, 1,
+                                args.workers, args.memory_limit)
+        assert ica.n_subjects_ == n
+        say(f"| {n} | {rec['wall']:.1f} | {rec['wall'] / n:.2f} | "
+            f"{rec['cpu_workers'] + rec['cpu_client']:.1f} ({rec['cpu_workers']:.1f} + "
+            f"{rec['cpu_client']:.1f}) | {_mb(max(rec['rss_workers']))} "
+            f"({_mb(max(rec['rss_workers_before']))}) | {_mb(rec['rss_client'])} "
+            f"({_mb(rec['rss_client_before'])}) | {rec['load']:.1f} |")
+
+
+def main() -> None:
+    """Parse the options, run the parts, print Markdown."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="1,2", help="comma-separated: 1 and/or 2")
+    ap.add_argument("--subjects", type=int, default=16, help="part 1 subjects")
+    ap.add_argument("--shape", default="40,48,40", help="part 1 grid")
+    ap.add_argument("--voxel-size", type=float, default=4.0, help="part 1 voxel size (mm)")
+    ap.add_argument("--volumes", type=int, default=200, help="part 1 volumes per run")
+    ap.add_argument("--components", type=int, default=20)
+    ap.add_argument("--n-init", type=int, default=10, help="CanICA FastICA restarts")
+    ap.add_argument("--sizes", default="16,64,256", help="part 2 numbers of subjects")
+    ap.add_argument("--scaling-shape", default="20,24,20", help="part 2 grid (3 mm)")
+    ap.add_argument("--scaling-volumes", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--block-bytes", default="32MiB",
+                    help="open_run block_bytes of the subjects' data (part 1)")
+    ap.add_argument("--memory-limit", default="4GiB")
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "bf-bench-data")
+    ap.add_argument("--nilearn-child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.nilearn_child:
+        nilearn_child(args.nilearn_child)
+        return
+    parts = {int(p) for p in args.parts.split(",")}
+    warnings.simplefilter("ignore")  # nilearn's and dask's notes
+    t_start = time.perf_counter()
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+
+    say(f"command: python tests/benchmarks/bench_group_ica.py {' '.join(sys.argv[1:])}\n")
+    for line in machine_facts():
+        say(line)
+    say(f"- load average at start: {os.getloadavg()[0]:.1f} (1 min), "
+        f"{os.getloadavg()[1]:.1f} (5 min)")
+    with tempfile.TemporaryDirectory(prefix="bf-bench-gica-") as tmp_:
+        tmp = Path(tmp_)
+        if 1 in parts:
+            part1(args, tmp, say)
+        if 2 in parts:
+            part2(args, tmp, say)
+    say(f"\nload average at end: {os.getloadavg()[0]:.1f}; total script time "
+        f"{time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
