@@ -37,7 +37,14 @@ from sklearn.base import BaseEstimator
 from sklearn.decomposition import MiniBatchDictionaryLearning, sparse_encode
 from sklearn.utils import check_random_state
 
-from .group import SubjectLike, _canica_reduce, _canica_unmix, _check_subjects, _Scratch
+from .group import (
+    GroupICA,
+    SubjectLike,
+    _canica_reduce,
+    _canica_unmix,
+    _check_subjects,
+    _Scratch,
+)
 
 __all__ = ["GroupDictLearning"]
 
@@ -177,6 +184,9 @@ class GroupDictLearning(BaseEstimator):
         self.affine_ = voxels.affine
         self.shape_ = voxels.shape
         return self
+
+    #: The maps on the 3D grid (see :meth:`GroupICA.components_img`).
+    components_img = GroupICA.components_img
 
     def _learn(self, data: da.Array, init: np.ndarray, rng: np.random.RandomState
                ) -> np.ndarray:

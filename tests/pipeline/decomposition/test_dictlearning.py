@@ -39,6 +39,9 @@ def test_dictlearning_recovers_simulated_networks(sim, fitted):  # noqa: F811
     assert np.mean(maps == 0) > 0.2
     np.testing.assert_allclose(np.linalg.norm(maps, axis=1), 1.0, rtol=1e-12)
     assert np.all((maps > 0).sum(axis=1) >= (maps < 0).sum(axis=1))
+    img = fitted.components_img()
+    ii, jj, kk = fitted.voxel_ijk_.T
+    np.testing.assert_array_equal(img.values[ii, jj, kk, :], maps.T)
 
 
 def test_dictlearning_agrees_with_nilearn(sim, fitted):  # noqa: F811
