@@ -42,14 +42,19 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def write_catalog(zstore, rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Merge ``rows`` into the store's catalog (newer rows win per run) and consolidate."""
+    """Merge ``rows`` into the store's catalog (newer rows win per run).
+
+    The store's metadata is deliberately not consolidated: runs are opened by their group
+    path (a few small reads each), and a consolidated root document grows with every array
+    of every run (16 MB at 1000 runs, re-listed and re-parsed on each write and open)
+    while the catalog alone stays ~0.5 KB per run.
+    """
     root = zarr.open_group(zstore, mode="a", zarr_format=3, use_consolidated=False)
     merged = {r["run_id"]: r for r in root.attrs.get(CATALOG_ATTR, [])}
     for row in rows:
         merged[row["run_id"]] = {k: _jsonable(v) for k, v in row.items()}
     ordered = [merged[k] for k in sorted(merged)]
     root.attrs[CATALOG_ATTR] = ordered
-    consolidate(zstore)
     return _frame(ordered)
 
 
@@ -59,7 +64,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def read_catalog(zstore, *, consolidated: bool | None = True) -> pd.DataFrame:
+def read_catalog(zstore, *, consolidated: bool | None = False) -> pd.DataFrame:
     """The catalog of a store as a DataFrame (one row per run ever ingested).
 
     Parameters
@@ -67,7 +72,8 @@ def read_catalog(zstore, *, consolidated: bool | None = True) -> pd.DataFrame:
     zstore : zarr store
         An open store (see :func:`storage.open_store` for paths and URLs).
     consolidated : bool, optional
-        Read the consolidated snapshot (default) or the live root metadata (False).
+        Read the live root metadata (default) or a consolidated snapshot made with
+        :func:`consolidate` (True).
     """
     try:
         root = zarr.open_group(zstore, mode="r", use_consolidated=consolidated)

@@ -39,7 +39,7 @@ class BoldStore:
         self.ref = ref
         self.zarr_store = ref.open(read_only=read_only)
         try:
-            self._root = zarr.open_group(self.zarr_store, mode="r")
+            self._root = zarr.open_group(self.zarr_store, mode="r", use_consolidated=False)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             raise StoreError(f"{ref}: no boldflow store here") from e
         if "boldflow_format" not in self._root.attrs:

@@ -15,8 +15,8 @@ Protocol for each run (it runs on a Dask worker, which opens the store itself):
 
 Any failure removes the run's group (best effort) and is returned as a catalog row; the
 other runs go on. A run left as ``"writing"`` by a killed process is redone next time.
-The client then merges the rows into the catalog kept in the root group's attributes and
-consolidates the metadata.
+The client then merges the rows into the catalog kept in the root group's attributes (no
+consolidated metadata: see :func:`storage.catalog.write_catalog`).
 """
 
 from __future__ import annotations
@@ -346,7 +346,7 @@ def _template(c: _CheckedRun, plan: ChunkPlan, attrs: dict, options: IngestOptio
 
 def _delete_group(zstore, path: str) -> None:
     with contextlib.suppress(Exception):
-        root = zarr.open_group(zstore, mode="r+")
+        root = zarr.open_group(zstore, mode="r+", use_consolidated=False)
         if path in root:
             del root[path]
 
@@ -421,7 +421,7 @@ def ingest_run(spec: RunSpec, store: StoreRef, options: IngestOptions | None = N
         path = spec.group_path
         if not overwrite:
             with contextlib.suppress(Exception):
-                grp = zarr.open_group(zstore, path=path, mode="r")
+                grp = zarr.open_group(zstore, path=path, mode="r", use_consolidated=False)
                 attrs = dict(grp.attrs)
                 if (attrs.get(STATUS_ATTR) == "complete"
                         and attrs.get("boldflow_fingerprint") == fingerprint):
@@ -495,7 +495,7 @@ def _write_run(c: _CheckedRun, zstore, path: str, fingerprint: str,
             arr[x0:x0 + step, :, :, t0:t0 + raw.shape[3]] = time_last(raw[x0:x0 + step])
         nbytes += raw.nbytes
         del raw  # before the next batch is read: never two batches in memory
-    grp = zarr.open_group(zstore, path=path, mode="r+")
+    grp = zarr.open_group(zstore, path=path, mode="r+", use_consolidated=False)
     attrs[STATUS_ATTR] = "complete"
     attrs["ingested_at"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     grp.attrs.put(attrs)  # one key write: the commit
@@ -568,7 +568,7 @@ def _resolve_runs(source, source_options: dict, filters: dict) -> list[RunSpec]:
 
 
 def _init_root(zstore) -> zarr.Group:
-    root = zarr.open_group(zstore, mode="a", zarr_format=3)
+    root = zarr.open_group(zstore, mode="a", zarr_format=3, use_consolidated=False)
     fmt = root.attrs.get("boldflow_format")
     if fmt is None:
         root.attrs.update({"boldflow_format": FORMAT_VERSION, "boldflow_version": _version})
