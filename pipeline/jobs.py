@@ -483,7 +483,7 @@ class Pipeline:
                 "outputs": ";".join(outputs) if outputs else None}
 
 
-_WORKER_CONTEXTS: dict[tuple[str, str], _Context] = {}
+_WORKER_CONTEXTS: dict[tuple[str, str, str | None], _Context] = {}
 
 
 def _run_on_worker(config: JobConfig, store, group: str, ents: dict, prov: str,
@@ -495,7 +495,10 @@ def _run_on_worker(config: JobConfig, store, group: str, ents: dict, prov: str,
     list of written files go back to the driver. The job context (atlas, group mask) is
     kept per worker process and job.
     """
-    key = (config.model_dump_json(), str(store))
+    # the atlas' content is part of the key: a long-lived worker must not reuse an atlas
+    # replaced on disk under the same path since an earlier job
+    atlas = _file_sha(config.parcellate.atlas) if config.parcellate else None
+    key = (config.model_dump_json(), str(store), atlas)
     context = _WORKER_CONTEXTS.get(key)
     if context is None:
         _WORKER_CONTEXTS.clear()  # one job at a time per worker process is kept
