@@ -123,8 +123,13 @@ class JobResult:
     Attributes
     ----------
     runs : pandas.DataFrame
-        One row per run: entities, ``status`` ("complete", "skipped" (outputs up to date),
-        "failed"), ``stage`` and ``error`` for failures, ``seconds``, ``outputs``.
+        One row per run (columns :data:`REPORT_COLUMNS`, also written to
+        ``<output>/boldflow_runs.tsv``): entities, ``status`` ("complete", "skipped"
+        (outputs up to date), "failed"), ``stage`` and ``error`` for failures, ``seconds``,
+        ``bytes_read`` (uncompressed BOLD bytes the run's graph reads) and
+        ``stored_bytes`` (their compressed size), ``outputs``, and for ingested inputs
+        ``ingest`` (ingested/skipped/failed), ``ingest_seconds`` and ``source_bytes``.
+        Decomposition fits add rows with ``stage`` "decompose".
     comparisons : dict
         Per connectivity kind, the :class:`pipeline.connectivity.GroupComparison`.
     matrices : dict
