@@ -10,6 +10,7 @@ dual regression, per run ``<prefix>_desc-dualreg_components.nii.gz`` /
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -220,6 +221,14 @@ def _group_level(context, runs, echo, client=None) -> list[dict]:
     if not dec.dual_regression:
         return rows
     names = [f"ICA{i:03d}" for i in range(model.components_.shape[0])]
+    if client is None:
+        with contextlib.suppress(ImportError, ValueError):
+            from distributed import get_client
+
+            client = get_client()
+    if client is not None and len(ordered) >= 2:
+        return rows + _dual_regression_on_workers(context, ordered, model.components_, mask,
+                                                  names, echo, client)
 
     def one(run) -> dict:
         t1 = time.perf_counter()
@@ -245,6 +254,63 @@ def _group_level(context, runs, echo, client=None) -> list[dict]:
             ThreadPoolExecutor(n_parallel, thread_name_prefix="boldflow-dualreg") as pool:
         rows += list(pool.map(one, ordered))
     return rows
+
+
+_WORKER_CONTEXTS: dict[tuple[str, str], Any] = {}
+
+
+def _dualreg_run(config, store, group: str, components: np.ndarray, mask: np.ndarray,
+                 names: list[str]) -> None:
+    """On a worker: one run's dual regression, computed here, outputs written here.
+
+    The run is streamed block by block by this worker's synchronous scheduler; nothing
+    but the small inputs (group maps, mask) and the run's name travels.
+    """
+    import dask
+
+    from .decomposition.dualreg import dual_regression
+    from .jobs import Pipeline, _Context, _write_text
+
+    key = (config.model_dump_json(), str(store))
+    context = _WORKER_CONTEXTS.get(key)
+    if context is None:  # one per worker process and job (atlas hash, store opened once)
+        _WORKER_CONTEXTS.clear()
+        context = _WORKER_CONTEXTS[key] = _Context(Pipeline(config), storage.open_store(store))
+    with dask.config.set(scheduler="synchronous"):
+        ds, matrix = _prepared(context, group, mask)
+        timecourses, maps = dual_regression(components, matrix)
+        maps = np.asarray(maps.compute() if hasattr(maps, "compute") else maps)
+    prefix = _prefix(context, ds)
+    storage.to_nifti(maps_image(maps, matrix), f"{prefix}_desc-dualreg_components.nii.gz",
+                     storage_options=context.opts)
+    _write_text(f"{prefix}_desc-dualreg_timeseries.tsv",
+                pd.DataFrame(np.asarray(timecourses), columns=names).to_csv(
+                    sep="\t", index=False, float_format="%.10g"), context.opts)
+
+
+def _dual_regression_on_workers(context, runs, components, mask, names, echo,
+                                client) -> list[dict]:
+    """One task per run (the maps and the mask scattered once); report rows in run order."""
+    from distributed import as_completed
+
+    comps, mask_f = client.scatter([np.asarray(components), np.asarray(mask)],
+                                   broadcast=True)
+    t0 = {r.run_id: time.perf_counter() for r in runs}
+    futures = {client.submit(_dualreg_run, context.cfg, context.bs.ref, r.group, comps,
+                             mask_f, names, key=f"dualreg-{r.run_id}-{uuid.uuid4().hex}"): r
+               for r in runs}
+    out: dict[str, dict] = {}
+    for fut in as_completed(list(futures)):
+        run = futures.pop(fut)
+        try:
+            fut.result()
+            out[run.run_id] = _row(context, run, "complete", t0[run.run_id])
+        except Exception as e:  # one run's failure is recorded, the others go on
+            out[run.run_id] = _row(context, run, "failed", t0[run.run_id],
+                                   f"{type(e).__name__}: {e}")
+        finally:
+            fut.release()
+    return [out[r.run_id] for r in runs]
 
 
 def _matrix(context, group: str, mask) -> xr.DataArray:

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask
 import fsspec
 import numpy as np
 import pandas as pd
@@ -122,8 +123,13 @@ class JobResult:
     Attributes
     ----------
     runs : pandas.DataFrame
-        One row per run: entities, ``status`` ("complete", "skipped" (outputs up to date),
-        "failed"), ``stage`` and ``error`` for failures, ``seconds``, ``outputs``.
+        One row per run (columns :data:`REPORT_COLUMNS`, also written to
+        ``<output>/boldflow_runs.tsv``): entities, ``status`` ("complete", "skipped"
+        (outputs up to date), "failed"), ``stage`` and ``error`` for failures, ``seconds``,
+        ``bytes_read`` (uncompressed BOLD bytes the run's graph reads) and
+        ``stored_bytes`` (their compressed size), ``outputs``, and for ingested inputs
+        ``ingest`` (ingested/skipped/failed), ``ingest_seconds`` and ``source_bytes``.
+        Decomposition fits add rows with ``stage`` "decompose".
     comparisons : dict
         Per connectivity kind, the :class:`pipeline.connectivity.GroupComparison`.
     matrices : dict
@@ -337,7 +343,13 @@ class Pipeline:
         context = _Context(self, bs)
         results: dict[str, xr.DataArray] = {}
         in_flight: dict[Any, tuple[str, dict, float, dict]] = {}
-        max_in_flight = max(2, 2 * len(job.client.scheduler_info().get("workers", {})))
+        n_workers = len(job.client.scheduler_info().get("workers", {}))
+        # many runs: one task per run, built, computed and written by a worker (the driver
+        # only submits and collects); few runs: the run's graph spread over the workers
+        on_workers = len(selected) >= max(2, n_workers)
+        max_in_flight = max(2, (4 if on_workers else 2) * n_workers)
+        if on_workers and cfg.mask.strategy == "group":
+            context.group_mask()  # computed once here, shipped with each task
         pending = list(selected.itertuples(index=False))
         prog = stage("runs", len(selected))
         t_runs = time.perf_counter()
@@ -357,8 +369,9 @@ class Pipeline:
             t0 = time.perf_counter()
             ents: dict = {}
             try:
-                ents = dict(bs.open_group(group, chunks=None).attrs["entities"])
-                prov = context.provenance(group)
+                attrs = context.run_attrs(group)  # one metadata read, no xarray dataset
+                ents = dict(attrs["entities"])
+                prov = context.provenance(group, attrs)
                 cached = context.cached(ents, prov)
                 if cached is not None:
                     results[run_id] = cached
@@ -368,10 +381,14 @@ class Pipeline:
                     job._status[run_id] = "skipped"
                     prog.update("skipped", run_id)
                     return
-                graph, stage_ = context.build(group)
-                import dask
-
-                fut = job.client.compute(dask.delayed(graph))
+                if on_workers:
+                    stage_ = "compute"
+                    fut = job.client.submit(_run_on_worker, cfg, bs.ref, group, ents, prov,
+                                            context._group_mask, pure=False,
+                                            key=f"run-{run_id}-{prov[:12]}")
+                else:
+                    graph, stage_ = context.build(group)
+                    fut = job.client.compute(dask.delayed(graph))
                 job.futures[run_id] = fut
                 in_flight[fut] = (run_id, ents, t0, {"prov": prov, "stage": stage_,
                                                      "read": _bold_bytes(bs, group)})
@@ -389,7 +406,10 @@ class Pipeline:
             run_id, ents, t0, info = in_flight.pop(fut)
             try:
                 computed = fut.result()
-                outputs = context.write_run(ents, computed, info["prov"])
+                if on_workers:
+                    outputs = computed.pop("outputs")
+                else:
+                    outputs = context.write_run(ents, computed, info["prov"])
                 if "signals" in computed:
                     results[run_id] = computed["signals"]
                 nbytes, nstored = info["read"]
@@ -399,7 +419,8 @@ class Pipeline:
                 job._status[run_id] = "complete"
                 prog.update("complete", run_id, nbytes=nbytes)
             except Exception as e:
-                failed(ents, run_id, info["stage"], _msg(e, run_id), t0)
+                stage_ = e.stage if isinstance(e, StageError) else info["stage"]
+                failed(ents, run_id, stage_, _msg(e, run_id), t0)
             finally:
                 with contextlib.suppress(Exception):
                     fut.release()
@@ -467,6 +488,39 @@ class Pipeline:
                 "outputs": ";".join(outputs) if outputs else None}
 
 
+_WORKER_CONTEXTS: dict[tuple[str, str, str | None], _Context] = {}
+
+
+def _run_on_worker(config: JobConfig, store, group: str, ents: dict, prov: str,
+                   group_mask: np.ndarray | None = None) -> dict:
+    """On a worker: one run's graph built, computed here and its outputs written.
+
+    The graph runs on this worker's synchronous scheduler (one block at a time, so memory
+    stays bounded by ``block_bytes``); only the region signals (``time x region``) and the
+    list of written files go back to the driver. The job context (atlas, group mask) is
+    kept per worker process and job.
+    """
+    # the atlas' content is part of the key: a long-lived worker must not reuse an atlas
+    # replaced on disk under the same path since an earlier job
+    atlas = _file_sha(config.parcellate.atlas) if config.parcellate else None
+    key = (config.model_dump_json(), str(store), atlas)
+    context = _WORKER_CONTEXTS.get(key)
+    if context is None:
+        _WORKER_CONTEXTS.clear()  # one job at a time per worker process is kept
+        context = _Context(Pipeline(config), storage.open_store(store))
+        context._group_mask = group_mask
+        _WORKER_CONTEXTS[key] = context
+    graph, stage = context.build(group)  # raises StageError naming the stage
+    try:
+        with dask.config.set(scheduler="synchronous"):
+            (computed,) = dask.compute(graph)
+        outputs = context.write_run(ents, computed, prov)
+    except Exception as e:  # reported like the driver-side path: the last stage built
+        raise StageError(stage, e) from e
+    return {**({"signals": computed["signals"]} if "signals" in computed else {}),
+            "outputs": outputs}
+
+
 class StageError(Exception):
     """A run failed while its graph was built; ``stage`` says where."""
 
@@ -474,6 +528,9 @@ class StageError(Exception):
         self.stage = stage
         self.error = error
         super().__init__(str(error))
+
+    def __reduce__(self):  # raised on workers: pickled back to the driver
+        return (StageError, (self.stage, self.error))
 
 
 class _NullCluster:
@@ -557,15 +614,33 @@ class _Context:
         self.opts = dict(self.cfg.storage_options)
         self._atlases: dict = {}
         self._group_mask = None
+        self._prov_static: dict | None = None
         self._atlas_sha = _file_sha(self.cfg.parcellate.atlas) if self.cfg.parcellate else None
 
     # ----------------------------------------------------------- provenance / cache
 
-    def provenance(self, group: str) -> str:
-        attrs = self.bs.open_group(group, chunks=None).attrs
+    def run_attrs(self, group: str) -> dict:
+        """A complete run group's attributes: one metadata read (no xarray dataset)."""
+        import zarr
+
+        from storage.catalog import STATUS_ATTR
+
+        attrs = dict(zarr.open_group(self.bs.zarr_store, path=group, mode="r",
+                                     use_consolidated=False).attrs)
+        if attrs.get(STATUS_ATTR) != "complete":
+            raise storage.IncompleteRunError(f"{self.bs.ref}: run {group!r} is not complete")
+        return attrs
+
+    def provenance(self, group: str, attrs: dict | None = None) -> str:
+        if attrs is None:
+            attrs = self.run_attrs(group)
+        if self._prov_static is None:  # the same for every run of the job
+            self._prov_static = self._provenance_static()
+        return _sha({"run": attrs.get("boldflow_fingerprint"), **self._prov_static})
+
+    def _provenance_static(self) -> dict:
         cfg = self.cfg
         payload = {
-            "run": attrs.get("boldflow_fingerprint"),
             "clean": cfg.clean.model_dump() if cfg.clean else None,
             "mask": cfg.mask.model_dump(),
             "parcellate": cfg.parcellate.model_dump(exclude={"atlas"}) if cfg.parcellate
@@ -579,7 +654,7 @@ class _Context:
         if cfg.mask.strategy == "group":
             payload["group_mask"] = hashlib.sha256(
                 np.packbits(self.group_mask()).tobytes()).hexdigest()
-        return _sha(payload)
+        return payload
 
     def _paths(self, ents: dict) -> dict[str, str]:
         base = _join(self.cfg.output, _run_dir(ents))
@@ -614,8 +689,11 @@ class _Context:
         if self._group_mask is None:
             from .masking import intersect_masks
 
-            masks = [self.bs.open_group(g)["mask"].values for g in self.bs.runs()["group"]]
-            first = self.bs.open_group(self.bs.runs()["group"].iloc[0])
+            groups = list(self.bs.runs()["group"])
+            # read here (synchronous scheduler): N small reads, not N cluster round trips
+            with dask.config.set(scheduler="synchronous"):
+                masks = [self.bs.open_group(g, chunks=None)["mask"].values for g in groups]
+            first = self.bs.open_group(groups[0], chunks=None)
             self._group_mask = intersect_masks(
                 masks, threshold=self.cfg.mask.group_threshold,
                 affine=first.attrs["affine"]).values
@@ -624,7 +702,9 @@ class _Context:
     def _mask(self, ds: xr.Dataset):
         strategy = self.cfg.mask.strategy
         if strategy == "run":
-            return ds["mask"].values
+            # a small array: read in this process, not a round trip through the cluster
+            with dask.config.set(scheduler="synchronous"):
+                return ds["mask"].values
         if strategy == "epi":
             from .masking import compute_epi_mask
 
@@ -646,7 +726,8 @@ class _Context:
         from .strategies import strategy_confounds
 
         c = self.cfg.clean
-        conf = ds["confounds"]
+        with dask.config.set(scheduler="synchronous"):  # small: read here, not on the cluster
+            conf = ds["confounds"].load()
         frame = pd.DataFrame(conf.values, columns=[str(v) for v in conf["confound"].values])
         overrides = {}
         if c.strategy == "scrubbing":
