@@ -34,13 +34,11 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -49,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+from _common import Sampler, machine_lines
 
 MB = 1e6
 CLEAN: dict[str, Any] = {"detrend": True, "standardize": "zscore_sample", "high_pass": 0.01,
@@ -98,40 +97,8 @@ def find_bold(root: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------- measuring
 
 
-class Sampler(threading.Thread):
-    """Polls the RSS of some processes until stopped; keeps each one's maximum.
-
-    Parameters
-    ----------
-    pids : iterable of int
-        Processes to watch.
-    period : float, default=0.01
-        Seconds between polls.
-    """
-
-    def __init__(self, pids: Any, period: float = 0.01) -> None:
-        super().__init__(daemon=True)
-        self.procs = {pid: psutil.Process(pid) for pid in pids}
-        self.period = period
-        self.peaks = dict.fromkeys(self.procs, 0)
-        self._stop_evt = threading.Event()
-
-    def run(self) -> None:
-        """Poll until :meth:`stop`."""
-        while not self._stop_evt.is_set():
-            for pid, proc in self.procs.items():
-                with contextlib.suppress(psutil.Error):
-                    self.peaks[pid] = max(self.peaks[pid], proc.memory_info().rss)
-            time.sleep(self.period)
-
-    def stop(self) -> dict[int, int]:
-        """Stop polling; the peak RSS (bytes) of each process."""
-        self._stop_evt.set()
-        self.join()
-        return self.peaks
-
-
 def _proc_cpu() -> float:
+    # defined here (pickled by value for client.run, the workers need not import _common)
     t = psutil.Process().cpu_times()
     return t.user + t.system
 
@@ -344,26 +311,8 @@ def network_agreement(ours: np.ndarray, ref: np.ndarray, truth: np.ndarray) -> n
 
 def machine_facts() -> list[str]:
     """Markdown bullet lines: CPU, RAM, OS, library versions."""
-    import dask
-    import distributed
-    import nilearn
-    import scipy
-    import sklearn
-    import zarr
-
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return [
-        f"- machine: {os.cpu_count()} cores ({cpu}), "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.system()} "
-        f"{platform.release()}; Python {platform.python_version()}",
-        f"- numpy {np.__version__}, scipy {scipy.__version__}, scikit-learn "
-        f"{sklearn.__version__}, nilearn {nilearn.__version__}, dask/distributed "
-        f"{dask.__version__}/{distributed.__version__}, zarr {zarr.__version__}",
+        *machine_lines(),
     ]
 
 

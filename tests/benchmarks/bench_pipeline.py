@@ -43,7 +43,6 @@ import cProfile
 import importlib
 import io
 import os
-import platform
 import pstats
 import shutil
 import statistics
@@ -57,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import psutil
+from _common import Sampler, machine_lines
 
 MOTION = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
 CONFOUNDS = [*MOTION, "csf", "white_matter"]
@@ -97,30 +97,8 @@ def find_runs(root: Path) -> list[dict]:
 # ------------------------------------------------------------------------- measuring
 
 
-class Sampler(threading.Thread):
-    """Polls the RSS of some processes until stopped; keeps each one's maximum."""
-
-    def __init__(self, pids, period: float = 0.01) -> None:
-        super().__init__(daemon=True)
-        self.procs = {pid: psutil.Process(pid) for pid in pids}
-        self.period = period
-        self.peaks = dict.fromkeys(self.procs, 0)
-        self._stop_evt = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_evt.is_set():
-            for pid, proc in self.procs.items():
-                with contextlib.suppress(psutil.Error):
-                    self.peaks[pid] = max(self.peaks[pid], proc.memory_info().rss)
-            time.sleep(self.period)
-
-    def stop(self) -> dict[int, int]:
-        self._stop_evt.set()
-        self.join()
-        return self.peaks
-
-
 def _proc_cpu() -> float:
+    # defined here (pickled by value for client.run, the workers need not import _common)
     t = psutil.Process().cpu_times()
     return t.user + t.system
 
@@ -441,25 +419,8 @@ def stage_costs(store: Path, sub: str) -> list[tuple[str, float]]:
 
 
 def machine_facts(args, n_bytes: float) -> list[str]:
-    import dask
-    import distributed
-    import nilearn
-    import scipy
-    import zarr
-
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return [
-        f"- machine: {os.cpu_count()} cores ({cpu}), "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.system()} "
-        f"{platform.release()}; Python {platform.python_version()}",
-        f"- numpy {np.__version__}, scipy {scipy.__version__}, nilearn {nilearn.__version__},"
-        f" dask/distributed {dask.__version__}/{distributed.__version__}, "
-        f"zarr {zarr.__version__}",
+        *machine_lines(),
         f"- data: {args.subjects} simulated subjects, {args.shape.replace(',', 'x')} at 3 mm "
         f"x {args.volumes} volumes, {args.dtype} ({n_bytes / MB:.0f} MB of BOLD "
         "uncompressed in all); TR 2 s",

@@ -51,7 +51,6 @@ import functools
 import io
 import itertools
 import os
-import platform
 import pstats
 import re
 import shutil
@@ -64,9 +63,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import psutil
+from _common import machine_lines
 from dask.utils import key_split
 from distributed.diagnostics.plugin import SchedulerPlugin
 
@@ -508,24 +507,8 @@ def phase_rows(res: dict) -> list[dict]:
 
 
 def machine_facts(args: argparse.Namespace, gen_seconds: float) -> list[str]:
-    import dask
-    import distributed
-    import nilearn
-    import scipy
-    import zarr
-
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return [
-        f"- machine: {os.cpu_count()} cores ({cpu}), "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.system()} "
-        f"{platform.release()}; Python {platform.python_version()}",
-        f"- numpy {np.__version__}, scipy {scipy.__version__}, nilearn {nilearn.__version__}, "
-        f"dask/distributed {dask.__version__}/{distributed.__version__}, zarr {zarr.__version__}",
+        *machine_lines(),
         f"- data: simulated subjects (`simulate_dataset`, seed 0), {args.shape.replace(',', 'x')}"
         f" at 3 mm x {args.volumes} volumes, {args.dtype}, 1 run each; generated once "
         f"({args.max_subjects} subjects in {gen_seconds:.0f} s, serially) and hard-linked into "
