@@ -348,8 +348,10 @@ class Pipeline:
         # only submits and collects); few runs: the run's graph spread over the workers
         on_workers = len(selected) >= max(2, n_workers)
         max_in_flight = max(2, (4 if on_workers else 2) * n_workers)
+        group_mask = None
         if on_workers and cfg.mask.strategy == "group":
-            context.group_mask()  # computed once here, shipped with each task
+            # computed once here, sent to the workers once (not embedded in every task)
+            group_mask = job.client.scatter(context.group_mask(), broadcast=True)
         pending = list(selected.itertuples(index=False))
         prog = stage("runs", len(selected))
         t_runs = time.perf_counter()
@@ -384,7 +386,7 @@ class Pipeline:
                 if on_workers:
                     stage_ = "compute"
                     fut = job.client.submit(_run_on_worker, cfg, bs.ref, group, ents, prov,
-                                            context._group_mask, pure=False,
+                                            group_mask, pure=False,
                                             key=f"run-{run_id}-{prov[:12]}")
                 else:
                     graph, stage_ = context.build(group)

@@ -277,3 +277,31 @@ def test_group_rules_and_cancel(tmp_path, sim, client):
     runs = handle.result().runs
     assert len(runs) == 6 and handle.done()
     assert set(runs["status"]) <= {"complete", "failed", "skipped"}
+
+
+def test_group_mask_job_equals_region_means_on_the_intersection(tmp_path, sim, client):
+    """mask: group on a job run as one worker task per run (the mask is sent once)."""
+    import storage
+    from pipeline.masking import intersect_masks
+    from pipeline.parcellation import label_signals, load_atlas
+
+    job = _job(sim, tmp_path / "out", store=str(tmp_path / "s.zarr"),
+               mask={"strategy": "group", "group_threshold": 1.0})
+    job["clean"] = None
+    job["connectivity"] = {"kinds": ["pearson"]}
+    result = Pipeline(job).submit(client).result()
+    assert (result.runs["status"] == "complete").all(), result.runs["error"].tolist()
+    bs = storage.open_store(tmp_path / "s.zarr")
+    runs = [bs.open_group(g, chunks=None) for g in bs.runs()["group"]]
+    mask = intersect_masks([r["mask"] for r in runs], threshold=1.0).values
+    assert mask.sum() > 0  # (the simulated subjects share one brain mask)
+    atlas = load_atlas(sim.atlas, reference=runs[0])
+    for ds in runs:
+        ents = ds.attrs["entities"]
+        prefix = f"sub-{ents['sub']}_task-{ents['task']}_space-{ents['space']}"
+        ours = pd.read_csv(tmp_path / "out" / f"sub-{ents['sub']}" / "func" /
+                           f"{prefix}_seg-sim_stat-mean_timeseries.tsv", sep="\t",
+                           na_values="n/a")
+        ref = label_signals(ds, atlas, mask=mask)
+        np.testing.assert_allclose(ours.to_numpy(float), ref.values, rtol=1e-6,
+                                   equal_nan=True)
