@@ -69,6 +69,8 @@ from sklearn.decomposition import fastica
 from sklearn.utils import check_random_state
 from threadpoolctl import threadpool_limits
 
+from .pca import _sign_flip as _flip_rows  # each row's largest-magnitude entry positive
+
 __all__ = ["MIGP", "GroupICA"]
 
 #: Target bytes of one ``(rows, block)`` float64 block of the temporary arrays.
@@ -371,14 +373,6 @@ def _blas_threads(size: int) -> threadpool_limits:
     contend with Dask's worker threads); no limit for large ones."""
     return threadpool_limits(limits=1 if size <= _SINGLE_THREAD_SIZE else None,
                              user_api="blas")
-
-
-def _flip_rows(maps: np.ndarray) -> np.ndarray:
-    """Deterministic sign: each row's largest-magnitude entry positive."""
-    idx = np.argmax(np.abs(maps), axis=1)
-    signs = np.sign(maps[np.arange(maps.shape[0]), idx])
-    signs[signs == 0] = 1.0
-    return maps * signs[:, None]
 
 
 # ------------------------------------------------------------------------------------------
