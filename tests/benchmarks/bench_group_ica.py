@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import psutil
-from _common import Sampler, machine_lines
+from _common import Sampler, machine_lines, measured
 
 MB = 1e6
 CLEAN: dict[str, Any] = {"detrend": True, "standardize": "zscore_sample", "high_pass": 0.01,
@@ -105,47 +105,6 @@ def _proc_cpu() -> float:
 
 def _rss() -> int:
     return psutil.Process().memory_info().rss
-
-
-@contextlib.contextmanager
-def measured(client: Any = None, worker_pids: tuple[int, ...] | list[int] = ()
-             ) -> Iterator[dict]:
-    """Wall time, CPU s (client process, workers) and peak RSS (client, each worker).
-
-    Parameters
-    ----------
-    client : distributed.Client, optional
-        Its workers' CPU time is read before and after.
-    worker_pids : sequence of int
-        Worker processes whose RSS is sampled.
-
-    Yields
-    ------
-    dict
-        Filled on exit: ``wall``, ``cpu_client``, ``cpu_workers``, ``rss_client``,
-        ``rss_client_before``, ``rss_workers`` (list, one per worker),
-        ``rss_workers_before``, ``load`` (1-minute load average at the end).
-    """
-    rec: dict = {}
-    me = os.getpid()
-    rec["rss_client_before"] = _rss()
-    rec["rss_workers_before"] = [psutil.Process(p).memory_info().rss for p in worker_pids]
-    sampler = Sampler([me, *worker_pids])
-    sampler.start()
-    w0 = sum(client.run(_proc_cpu).values()) if client is not None else 0.0
-    c0 = _proc_cpu()
-    t0 = time.perf_counter()
-    try:
-        yield rec
-    finally:
-        rec["wall"] = time.perf_counter() - t0
-        rec["cpu_client"] = _proc_cpu() - c0
-        rec["cpu_workers"] = (sum(client.run(_proc_cpu).values()) - w0
-                              if client is not None else 0.0)
-        peaks = sampler.stop()
-        rec["rss_client"] = peaks[me]
-        rec["rss_workers"] = [peaks[p] for p in worker_pids]
-        rec["load"] = os.getloadavg()[0]
 
 
 @contextlib.contextmanager

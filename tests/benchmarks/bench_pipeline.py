@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import cProfile
 import importlib
 import io
@@ -48,7 +47,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -56,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import psutil
-from _common import Sampler, machine_lines
+from _common import machine_lines, measured, profile_job
 
 MOTION = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
 CONFOUNDS = [*MOTION, "csf", "white_matter"]
@@ -101,33 +99,6 @@ def _proc_cpu() -> float:
     # defined here (pickled by value for client.run, the workers need not import _common)
     t = psutil.Process().cpu_times()
     return t.user + t.system
-
-
-def worker_cpu(client) -> float:
-    return sum(client.run(_proc_cpu).values())
-
-
-@contextlib.contextmanager
-def measured(client=None, worker_pids=()):
-    """Wall time, CPU time (this process + workers) and peak RSS of this process/workers."""
-    rec: dict = {}
-    me = os.getpid()
-    rec["rss_client_before"] = psutil.Process(me).memory_info().rss
-    sampler = Sampler([me, *worker_pids])
-    sampler.start()
-    w0 = worker_cpu(client) if client is not None else 0.0
-    c0 = _proc_cpu()
-    t0 = time.perf_counter()
-    try:
-        yield rec
-    finally:
-        rec["wall"] = time.perf_counter() - t0
-        rec["cpu_client"] = _proc_cpu() - c0
-        rec["cpu_workers"] = worker_cpu(client) - w0 if client is not None else 0.0
-        peaks = sampler.stop()
-        rec["rss_client"] = peaks[me]
-        rec["rss_workers"] = max((peaks[p] for p in worker_pids), default=0)
-        rec["load"] = os.getloadavg()[0]
 
 
 def median(recs: list[dict], key: str) -> float:
@@ -318,30 +289,6 @@ def run_pipeline(job: dict, client):
     if result.group_errors:
         raise RuntimeError(f"group step failed: {result.group_errors}")
     return result
-
-
-def profile_driver(job: dict, client) -> str:
-    """cProfile of the Pipeline's driver thread (the client-side orchestration) for a job."""
-    from pipeline.jobs import Pipeline
-
-    prof = cProfile.Profile()
-
-    def hook(*_):
-        sys.setprofile(None)
-        if threading.current_thread().name == "boldflow-job":
-            prof.enable()
-
-    threading.setprofile(hook)
-    try:
-        handle = Pipeline(job).submit(client, echo=lambda *a, **k: None)
-    finally:
-        threading.setprofile(None)
-    handle.result()
-    text = io.StringIO()
-    stats = pstats.Stats(prof, stream=text)
-    stats.sort_stats("cumtime").print_stats(40)
-    stats.sort_stats("tottime").print_stats(20)
-    return text.getvalue()
 
 
 # ------------------------------------------------------------------------- checks
@@ -608,7 +555,7 @@ def main() -> None:
                                     f"{small_cb / 2**20:.0f}MiB (no split needed)"}
                 for name, _, _ in variants:
                     say(fmt_row(labels[name], bf_vox[name], "cpu_workers+cpu_client",
-                                "rss_workers", ref_w, ref_c, 20))
+                                "rss_workers_max", ref_w, ref_c, 20))
                 say(f"\nnilearn: {ref_w / len(runs):.1f} s per subject "
                     f"({ref_c / len(runs):.1f} CPU s); boldflow (defaults): "
                     f"{median(bf_vox['defaults'], 'wall') / len(runs):.2f} s per subject, of "
@@ -687,7 +634,7 @@ def main() -> None:
                     shutil.rmtree(outdir, ignore_errors=True)
                 if args.profile:
                     outdir = tmp / "out-region-prof"
-                    text = profile_driver(pipeline_job(str(store), outdir, atlas), client)
+                    _, text = profile_job(pipeline_job(str(store), outdir, atlas), client)
                     (args.profile / "pipeline-driver-region.txt").write_text(text)
                     shutil.rmtree(outdir, ignore_errors=True)
                 check2 = check_matrices(result, ref_mats)
@@ -696,11 +643,11 @@ def main() -> None:
                 say(fmt_row(f"nilearn NiftiLabelsMasker + ConnectivityMeasure, {len(runs)} "
                             "subjects", nl_lab, "cpu_client", "rss_client", None, None, None))
                 say(fmt_row("**boldflow Pipeline, defaults**, input = store, clean.level "
-                            "region", bf_lab, "cpu_workers+cpu_client", "rss_workers", ref_w,
+                            "region", bf_lab, "cpu_workers+cpu_client", "rss_workers_max", ref_w,
                             ref_c, 5))
                 say(fmt_row(f"diagnostic: same, store ingested with chunk_bytes="
                             f"{small_cb / 2**20:.0f}MiB (no split needed)", bf_lab_small,
-                            "cpu_workers+cpu_client", "rss_workers", ref_w, ref_c, 5))
+                            "cpu_workers+cpu_client", "rss_workers_max", ref_w, ref_c, 5))
                 say(f"\n{n_regions} regions. Agreement: max |boldflow - nilearn| over the "
                     f"{len(runs)} correlation matrices = {check2['max']:.2e} "
                     f"(matrix shape {check2['shapes']}). Client-process peak RSS during "
@@ -747,10 +694,10 @@ def main() -> None:
                             "measurement as part 2)", nl_lab, "cpu_client", "rss_client",
                             None, None, None))
                 say(fmt_row("**boldflow Pipeline**, input = derivatives folder", bf_e2e,
-                            "cpu_workers+cpu_client", "rss_workers", ref_w, ref_c, 5))
+                            "cpu_workers+cpu_client", "rss_workers_max", ref_w, ref_c, 5))
                 say(fmt_row("limit: only gunzip the .nii.gz files on the same workers (ISA-L, "
                             "what ingest uses); the best any pipeline reading them can do",
-                            gz, "cpu_workers+cpu_client", "rss_workers", ref_w, ref_c, 5))
+                            gz, "cpu_workers+cpu_client", "rss_workers_max", ref_w, ref_c, 5))
                 cmp = result.comparisons.get("correlation")
                 say(f"\nAgreement: max |boldflow - nilearn| over the correlation matrices = "
                     f"{check3['max']:.2e}; group comparison: "

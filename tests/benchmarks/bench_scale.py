@@ -46,12 +46,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import cProfile
 import functools
-import io
 import itertools
 import os
-import pstats
 import re
 import shutil
 import sys
@@ -65,7 +62,7 @@ from typing import Any
 
 import pandas as pd
 import psutil
-from _common import machine_lines
+from _common import machine_lines, profile_job
 from dask.utils import key_split
 from distributed.diagnostics.plugin import SchedulerPlugin
 
@@ -367,31 +364,10 @@ def graph_size(job: dict, store: Path, decompose: bool) -> dict[str, float]:
     return out
 
 
-def profile_job(job: dict, client: Any, top: int = 25) -> str:
+def profile_job_text(job: dict, client: Any, top: int = 25) -> str:
     """cProfile of the Pipeline's driver thread for ``job``; the top functions as text."""
-    from pipeline.jobs import Pipeline
-
-    prof = cProfile.Profile()
-
-    def hook(*_: Any) -> None:
-        sys.setprofile(None)
-        if threading.current_thread().name == JOB_THREAD:
-            prof.enable()
-
-    threading.setprofile(hook)
-    try:
-        handle = Pipeline(job).submit(client, echo=lambda *a, **k: None)
-    finally:
-        threading.setprofile(None)
-    t0 = time.perf_counter()
-    handle.result()
-    wall = time.perf_counter() - t0
-    text = io.StringIO()
-    text.write(f"profiled job wall time: {wall:.1f} s (with cProfile overhead)\n")
-    stats = pstats.Stats(prof, stream=text)
-    stats.sort_stats("cumulative").print_stats(top)
-    stats.sort_stats("tottime").print_stats(top)
-    return text.getvalue()
+    wall, text = profile_job(job, client, (top, top))
+    return f"profiled job wall time: {wall:.1f} s (with cProfile overhead)\n" + text
 
 
 # ------------------------------------------------------------------------- one size
@@ -462,7 +438,7 @@ def measure_size(n: int, full: Path, args: argparse.Namespace, work: Path) -> di
         if args.profile_size == n:
             prof_out = work / f"out-n{n}-profile"
             shutil.rmtree(prof_out, ignore_errors=True)
-            res["profile"] = profile_job(job_config(store, prof_out, view, args.decompose),
+            res["profile"] = profile_job_text(job_config(store, prof_out, view, args.decompose),
                                          client)
             shutil.rmtree(prof_out, ignore_errors=True)
     if not args.keep:
