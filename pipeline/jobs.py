@@ -321,10 +321,13 @@ class Pipeline:
                            nbytes=row.get("source_bytes"), error=row.get("error"))
 
             try:
+                # region sums in ingestion's own pass when that is all the runs need
+                reducer = label_sums_reducer(cfg)
                 catalog = storage.ingest(
                     cfg.input, store, client=job.client, storage_options=opts,
                     source_options=opts, subjects=cfg.subjects, sessions=cfg.sessions,
-                    tasks=cfg.task, runs=cfg.runs, spaces=cfg.space, progress=on_ingest)
+                    tasks=cfg.task, runs=cfg.runs, spaces=cfg.space, progress=on_ingest,
+                    reducers=(reducer,) if reducer is not None else ())
             finally:
                 ing.close()
             for _, r in catalog.iterrows():
@@ -341,6 +344,8 @@ class Pipeline:
             job._status[run_id] = "pending"
         self.echo(f"{len(selected)} run(s) selected from {bs.ref}")
         context = _Context(self, bs)
+        sums = context.label_sums()
+        sums_name = sums.name if sums is not None else None
         results: dict[str, xr.DataArray] = {}
         in_flight: dict[Any, tuple[str, dict, float, dict]] = {}
         n_workers = len(job.client.scheduler_info().get("workers", {}))
@@ -393,7 +398,8 @@ class Pipeline:
                     fut = job.client.compute(dask.delayed(graph))
                 job.futures[run_id] = fut
                 in_flight[fut] = (run_id, ents, t0, {"prov": prov, "stage": stage_,
-                                                     "read": _bold_bytes(bs, group)})
+                                                     "read": _bold_bytes(bs, group,
+                                                                         sums_name)})
                 job._status[run_id] = "running"
                 ac.add(fut)
             except Exception as e:  # one run's failure is recorded, the others go on
@@ -546,18 +552,58 @@ REPORT_COLUMNS = ("run_id", "sub", "ses", "task", "run", "space", "status", "sta
                   "source_bytes")
 
 
-def _bold_bytes(bs, group: str) -> tuple[int | None, int | None]:
+def _needs_voxels(cfg: JobConfig) -> bool:
+    """Whether a stage needs whole voxel time series (not only region means)."""
+    return bool(cfg.seeds) or cfg.export.cleaned_bold or bool(cfg.clean
+                                                              and cfg.clean.level == "voxel")
+
+
+def label_sums_reducer(cfg: JobConfig, atlas_sha: str | None = None):
+    """The region sums ingestion can compute for ``cfg`` in its single pass, or None.
+
+    Only when the region means are all a run's graph needs from its voxels: a labels
+    atlas, the runs' own brain masks (a group mask is only known after every run is
+    ingested) and no voxel-wise stage.
+    """
+    p = cfg.parcellate
+    if p is None or cfg.mask.strategy != "run" or _needs_voxels(cfg):
+        return None
+    kind = p.kind
+    if kind == "auto":
+        import nibabel as nib
+
+        try:
+            shape = nib.load(p.atlas).shape
+        except Exception:  # the run's graph reports an unreadable atlas, not ingestion
+            return None
+        kind = "maps" if len(shape) == 4 and shape[3] > 1 else "labels"
+    if kind != "labels":
+        return None
+    from .parcellation import LabelSums
+
+    return LabelSums(str(p.atlas), atlas_sha or _file_sha(p.atlas), p.split_connected)
+
+
+def _bold_bytes(bs, group: str, derived: str | None = None) -> tuple[int | None, int | None]:
     """``(bytes_read, stored_bytes)`` of a run's graph: its whole stored ``bold`` array.
 
     ``bytes_read`` is the uncompressed size of the stored array (shape x stored dtype);
     ``stored_bytes`` the size of its chunk (or shard) objects in the store, metadata
-    excluded. ``(None, None)`` if the store cannot tell (the run is not failed for it).
+    excluded. With ``derived`` (a ``derived/`` array name), that array's sizes when the
+    run has it (the graph reads it instead of ``bold``). ``(None, None)`` if the store
+    cannot tell (the run is not failed for it).
     """
     import zarr
     from zarr.core.sync import sync
 
     try:
-        arr = zarr.open_array(bs.zarr_store, path=f"{group}/bold", mode="r")
+        arr = None
+        if derived is not None:
+            with contextlib.suppress(Exception):
+                arr = zarr.open_array(bs.zarr_store, path=f"{group}/derived/{derived}",
+                                      mode="r")
+        if arr is None:
+            arr = zarr.open_array(bs.zarr_store, path=f"{group}/bold", mode="r")
         nbytes = int(arr.nbytes)
     except Exception:
         log.debug("bytes of %s: %s", group, traceback.format_exc())
@@ -774,22 +820,25 @@ class _Context:
         cfg = self.cfg
         # on-disk chunks first: raw label means reduce them where they lie; voxel-wise
         # stages get whole time series (time chunks merged) below
-        stored = self.bs.open_group(group, chunks=None)
-        if cfg.clean and cfg.clean.dummy_scans:
-            stored = stored.isel(time=slice(cfg.clean.dummy_scans, None))
-        need_voxels = (bool(cfg.seeds) or cfg.export.cleaned_bold
-                       or bool(cfg.clean and cfg.clean.level == "voxel"))
+        stored = full = self.bs.open_group(group, chunks=None)
+        dummy = slice(cfg.clean.dummy_scans if cfg.clean else 0, None)
+        stored = full.isel(time=dummy) if dummy.start else full
         chunk_labels = False
-        if cfg.parcellate is not None and not need_voxels:
+        ingested = None  # raw region means from sums stored at ingest: no bold read at all
+        if cfg.parcellate is not None and not _needs_voxels(cfg):
             state["stage"] = "parcellate"
             chunk_labels = self.atlas(stored).kind == "labels"
+            if chunk_labels:
+                ingested = self._ingested_signals(group, full)
+                if ingested is not None and dummy.start:
+                    ingested = ingested.isel(time=dummy)
         ds = stored
         if not chunk_labels:
             ds = stored.copy()
             ds["bold"] = stored["bold"].chunk(
                 storage.dataset.time_blocks(stored["bold"], cfg.block_bytes))
         state["stage"] = "mask"
-        mask = self._mask(ds)
+        mask = None if ingested is not None else self._mask(ds)
         matrix = None if chunk_labels else apply_mask(ds, mask)
         out: dict[str, Any] = {}
         kwargs = None
@@ -800,7 +849,7 @@ class _Context:
             if kwargs["sample_mask"] is not None:
                 time_out = time_out[np.asarray(kwargs["sample_mask"])]
         cleaned_voxels = None
-        if cfg.clean and need_voxels:
+        if cfg.clean and _needs_voxels(cfg):
             state["stage"] = "clean"
             data = clean_signals(matrix.data, **kwargs)
             cleaned_voxels = matrix.isel(time=slice(0, data.shape[0])).copy(data=data)
@@ -812,7 +861,8 @@ class _Context:
             if cleaned_voxels is not None and cfg.clean.level == "voxel":
                 signals = extract(cleaned_voxels, atlas)
             else:
-                raw = (label_signals(ds, atlas, mask=mask) if chunk_labels
+                raw = (ingested if ingested is not None
+                       else label_signals(ds, atlas, mask=mask) if chunk_labels
                        else extract(matrix, atlas))
                 signals = raw if not cfg.clean else _clean_regions(raw, kwargs, time_out)
             out["signals"] = signals
@@ -825,6 +875,26 @@ class _Context:
             out["seeds"] = {s.name: self._seed_map(s, ds, cleaned_voxels if cfg.clean
                                                    else matrix) for s in cfg.seeds}
         return out, state["stage"]
+
+    def label_sums(self):
+        """The :class:`~pipeline.parcellation.LabelSums` ingestion computes for this job.
+
+        None unless the job's region means need nothing else from the voxels: a labels
+        atlas, the runs' own masks and no voxel-wise stage.
+        """
+        return label_sums_reducer(self.cfg, self._atlas_sha)
+
+    def _ingested_signals(self, group: str, run: xr.Dataset) -> xr.DataArray | None:
+        import zarr
+
+        from .parcellation import ingested_label_signals
+
+        reducer = self.label_sums()
+        if reducer is None:
+            return None
+        grp = zarr.open_group(self.bs.zarr_store, path=group, mode="r",
+                              use_consolidated=False)
+        return ingested_label_signals(run, grp, reducer, self.atlas(run))
 
     def _cleaned_url(self, ents: dict) -> str:
         return _join(self.cfg.output, _run_dir(ents), f"{run_prefix(ents)}_desc-clean_bold.zarr")

@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-__all__ = ["Atlas", "label_signals", "load_atlas", "map_signals"]
+__all__ = ["Atlas", "LabelSums", "ingested_label_signals", "label_signals", "load_atlas",
+           "map_signals"]
 
 
 @dataclass
@@ -178,6 +179,18 @@ def _chunk_label_sums(block: np.ndarray, ridx: np.ndarray, n_regions: int) -> np
     return out
 
 
+def _region_index(atlas: Atlas, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column of each voxel's region (-1: unlabelled or outside ``mask``), and counts."""
+    n_regions = len(atlas.labels)
+    keys = np.asarray(atlas.labels, dtype=np.int64)
+    # embedded in graphs (one slice per chunk): the smallest integer type that fits
+    ridx = np.full(mask.shape, -1, dtype=np.int16 if n_regions < 2**15 else np.int32)
+    labelled = mask & np.isin(atlas.data, keys)
+    sorter = np.argsort(keys)
+    ridx[labelled] = sorter[np.searchsorted(keys, atlas.data[labelled], sorter=sorter)]
+    return ridx, np.bincount(ridx[ridx >= 0], minlength=n_regions)
+
+
 def _bold_label_signals(bold: xr.DataArray, mask: np.ndarray, atlas: Atlas,
                         attrs: dict) -> xr.DataArray:
     """Region means straight from the 4D chunks: one task per chunk, no rechunking.
@@ -193,13 +206,7 @@ def _bold_label_signals(bold: xr.DataArray, mask: np.ndarray, atlas: Atlas,
         raise ValueError(f"atlas grid {atlas.data.shape} differs from the data grid "
                          f"{bold.shape[:3]}; load it with load_atlas(reference=...)")
     n_regions = len(atlas.labels)
-    keys = np.asarray(atlas.labels, dtype=np.int64)
-    # embedded in the graph (one slice per chunk): the smallest integer type that fits
-    ridx = np.full(mask.shape, -1, dtype=np.int16 if n_regions < 2**15 else np.int32)
-    labelled = mask & np.isin(atlas.data, keys)
-    sorter = np.argsort(keys)
-    ridx[labelled] = sorter[np.searchsorted(keys, atlas.data[labelled], sorter=sorter)]
-    counts = np.bincount(ridx[ridx >= 0], minlength=n_regions)
+    ridx, counts = _region_index(atlas, mask)
     data = bold.data if isinstance(bold.data, da.Array) else da.from_array(bold.data)
     ridx_d = da.from_array(ridx, chunks=data.chunks[:3])
     parts = da.blockwise(
@@ -340,3 +347,137 @@ def map_signals(matrix: xr.DataArray, atlas: Atlas) -> xr.DataArray:
                               dtype=np.float64)
     return _region_array(signals, matrix, atlas, np.count_nonzero(maps, axis=0))
 
+
+
+# ------------------------------------------------------------- region sums at ingest
+
+
+_GRID_ATLASES: dict[tuple, Atlas] = {}
+
+
+def _atlas_on_grid(path: str, sha256: str, shape: tuple[int, ...], affine: np.ndarray,
+                   split_connected: bool) -> Atlas:
+    # one atlas per worker process and grid (runs of a study share one grid); the content
+    # hash in the key: a file replaced under the same path is never reused
+    key = (path, sha256, tuple(int(n) for n in shape),
+           np.asarray(affine, float).round(4).tobytes(), split_connected)
+    if key not in _GRID_ATLASES:
+        nx, ny, nz = (int(n) for n in shape)
+        reference = xr.Dataset(coords={"x": np.arange(nx), "y": np.arange(ny),
+                                       "z": np.arange(nz)},
+                               attrs={"affine": np.asarray(affine, float)})
+        if len(_GRID_ATLASES) > 8:
+            _GRID_ATLASES.clear()
+        _GRID_ATLASES[key] = load_atlas(path, reference=reference, kind="labels",
+                                        split_connected=split_connected)
+    return _GRID_ATLASES[key]
+
+
+@dataclass(frozen=True)
+class LabelSums:
+    """Region sums of a labels atlas, computed by ingestion while it writes a run.
+
+    A :class:`storage.BlockReducer`: ingestion hands it every block it writes (already
+    decompressed and time-last), so raw region means cost no second read of the run. The
+    result, ``derived/<name>`` in the run's group, holds the ``(time, region)`` sums of
+    the scaled voxel values over each region's voxels inside the run's brain mask (all
+    voxels when the run has none), with the atlas labels, names and voxel counts as
+    attributes. Region means are ``sums / n_voxels`` -- what :func:`label_signals` gives
+    for the run and its mask (the same per-chunk partial sums).
+
+    Parameters
+    ----------
+    atlas : str
+        Local path of the label image.
+    atlas_sha256 : str
+        Its content hash (part of the name: another atlas never matches).
+    split_connected : bool, default=False
+        As :func:`load_atlas`.
+    """
+
+    atlas: str
+    atlas_sha256: str
+    split_connected: bool = False
+
+    @property
+    def name(self) -> str:
+        """``labelsums-<hash of atlas content and options>``."""
+        import hashlib
+
+        token = f"{self.atlas_sha256}:{int(self.split_connected)}:run-mask:v1"
+        return "labelsums-" + hashlib.sha256(token.encode()).hexdigest()[:16]
+
+    def begin(self, info, mask: np.ndarray | None) -> _LabelSumsAccumulator:
+        """Start on one run (``info``: :class:`storage.nifti.NiftiInfo`)."""
+        atlas = _atlas_on_grid(self.atlas, self.atlas_sha256, info.shape[:3], info.affine,
+                               self.split_connected)
+        if mask is None:
+            mask = np.ones(info.shape[:3], dtype=bool)
+        ridx, counts = _region_index(atlas, np.asarray(mask, dtype=bool))
+        return _LabelSumsAccumulator(self, atlas, ridx, counts, int(info.shape[3]),
+                                     info.slope, info.inter, bool(info.is_scaled))
+
+
+class _LabelSumsAccumulator:
+    def __init__(self, reducer: LabelSums, atlas: Atlas, ridx: np.ndarray,
+                 counts: np.ndarray, n_volumes: int, slope: float, inter: float,
+                 scaled: bool) -> None:
+        self.reducer, self.atlas, self.ridx, self.counts = reducer, atlas, ridx, counts
+        self.scale = (slope, inter) if scaled else None
+        self.sums = np.zeros((n_volumes, len(atlas.labels)), dtype=np.float64)
+
+    def update(self, index: tuple[slice, ...], block: np.ndarray) -> None:
+        sx, sy, sz, st = index
+        part = _chunk_label_sums(block, self.ridx[sx, sy, sz], len(self.atlas.labels))
+        self.sums[st] += part[0, 0, 0]
+
+    def finish(self) -> tuple[np.ndarray, dict]:
+        sums = self.sums
+        if self.scale is not None:  # sum(slope * x + inter) over n voxels
+            slope, inter = self.scale
+            sums = slope * sums + inter * self.counts
+        return sums, {"boldflow_derived": "label_sums", "atlas_sha256": self.reducer.atlas_sha256,
+                      "split_connected": self.reducer.split_connected, "mask": "run",
+                      "labels": [int(v) for v in self.atlas.labels],
+                      "names": list(self.atlas.names),
+                      "n_voxels": [int(n) for n in self.counts]}
+
+
+def ingested_label_signals(run: xr.Dataset, zarr_group, reducer: LabelSums,
+                           atlas: Atlas) -> xr.DataArray | None:
+    """Raw region means of ``run`` from sums stored at ingest, or None if there are none.
+
+    Parameters
+    ----------
+    run : xarray.Dataset
+        The run as opened from the store (``time`` coordinate, attributes).
+    zarr_group : zarr.Group
+        The run's group in the store.
+    reducer : LabelSums
+        What the sums were computed with (its name locates them).
+    atlas : Atlas
+        The atlas on the run's grid: labels and names must match the stored ones.
+
+    Returns
+    -------
+    xarray.DataArray or None
+        As :func:`label_signals` with the run's mask, ``(time, region)``; None when the
+        run was ingested without these sums (or with another atlas).
+    """
+    try:
+        arr = zarr_group[f"derived/{reducer.name}"]
+    except KeyError:
+        return None
+    meta = dict(arr.attrs)
+    if (meta.get("labels") != [int(v) for v in atlas.labels]
+            or meta.get("names") != list(atlas.names) or arr.shape[0] != run.sizes["time"]):
+        return None
+    counts = np.asarray(meta["n_voxels"])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = arr[...] / np.where(counts > 0, counts, np.nan)
+    return xr.DataArray(
+        means, dims=("time", "region"),
+        coords={"time": run["time"].values, "region": atlas.names,
+                "label": ("region", np.asarray(atlas.labels)), "n_voxels": ("region", counts)},
+        attrs={k: float(v) for k, v in run.attrs.items() if k == "repetition_time"},
+        name="region_signals")

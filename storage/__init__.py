@@ -20,12 +20,13 @@ from .confounds import read_confounds
 from .dataset import BoldStore, open_run, open_store, world_coordinates
 from .errors import BoldflowError, IncompleteRunError, InputError, StoreError
 from .export import to_nifti
-from .ingest import IngestOptions, ingest, ingest_run, load_manifest
+from .ingest import BlockReducer, IngestOptions, ingest, ingest_run, load_manifest
 from .nifti import NiftiStreamWriter, read_header
 from .runs import RunSpec
 from .stores import StoreRef
 
 __all__ = [
+    "BlockReducer",
     "BoldStore",
     "BoldflowError",
     "ChunkPlan",

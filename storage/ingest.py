@@ -28,13 +28,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import dask
 import dask.array as da
@@ -55,7 +56,8 @@ from .nifti import NiftiInfo, iter_volume_batches, read_header, read_volume
 from .runs import RunSpec
 from .stores import StoreRef, redact_url
 
-__all__ = ["IngestOptions", "ingest", "ingest_run", "load_manifest"]
+__all__ = ["BlockAccumulator", "BlockReducer", "IngestOptions", "ingest", "ingest_run",
+           "load_manifest", "time_last_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +79,15 @@ class IngestOptions:
         Enable Zarr sharding with shards of about this size (recommended on object
         stores: fewer, larger objects). None: no sharding.
     clevel : int, default=1
-        Blosc-zstd compression level.
+        Blosc compression level.
     shuffle : {"bitshuffle", "shuffle", "noshuffle"}, default="bitshuffle"
-        Blosc pre-filter. On real int16 BOLD (Haxby, time-contiguous chunks) zstd level 1
-        with bit shuffle compresses better than level 3 with byte shuffle (3.1x vs 2.8x)
-        and encodes about twice as fast; see tests/benchmarks/RESULTS.md.
+        Blosc pre-filter. On real int16 BOLD (Haxby, time-contiguous chunks) bit shuffle
+        compresses clearly better than byte shuffle (2.5x vs 2.1x with zstd level 1).
+    cname : {"lz4", "zstd", "lz4hc", "blosclz", "zlib"}, default="lz4"
+        Blosc compressor. With bit shuffle, LZ4 encodes ~3x and decodes ~1.5x faster than
+        zstd level 1 for 5-8 % larger stores on real BOLD (the HDF5 bitshuffle filter's
+        choice for the same reason); ``"zstd"`` for the smallest store. Measured in
+        tests/benchmarks/RESULTS.md ("Codec").
     """
 
     chunk_bytes: int | str = "32MiB"
@@ -89,6 +95,7 @@ class IngestOptions:
     shard_bytes: int | str | None = None
     clevel: int = 1
     shuffle: str = "bitshuffle"
+    cname: str = "lz4"
 
     def normalized(self) -> IngestOptions:
         """The same options with sizes in bytes (and validated)."""
@@ -97,13 +104,54 @@ class IngestOptions:
                              f"got {self.shuffle!r}")
         if not 0 <= int(self.clevel) <= 9:
             raise ValueError(f"clevel must be in 0..9, got {self.clevel!r}")
+        if self.cname not in CNAMES:
+            raise ValueError(f"cname must be one of {', '.join(CNAMES)}, got {self.cname!r}")
         return IngestOptions(
             chunk_bytes=parse_bytes(self.chunk_bytes),
             batch_bytes=parse_bytes(self.batch_bytes),
             shard_bytes=parse_bytes(self.shard_bytes) if self.shard_bytes else None,
             clevel=int(self.clevel),
             shuffle=str(self.shuffle),
+            cname=str(self.cname),
         )
+
+
+#: Blosc compressors accepted for the ``bold`` array
+CNAMES = ("lz4", "zstd", "lz4hc", "blosclz", "zlib")
+
+
+class BlockAccumulator(Protocol):
+    """Running state of a :class:`BlockReducer` for one run."""
+
+    def update(self, index: tuple[slice, slice, slice, slice], block: np.ndarray) -> None:
+        """Take one written block: ``bold[index] == block`` (unscaled, time last)."""
+
+    def finish(self) -> tuple[np.ndarray, dict[str, Any]]:
+        """The result array and its attributes, stored as ``<run>/derived/<name>``."""
+
+
+@runtime_checkable
+class BlockReducer(Protocol):
+    """Something computed from a run's voxels while ingestion streams them.
+
+    Ingestion already holds every block of a run once, decompressed, while it writes it;
+    a reducer (for example region sums for an atlas) gets each block there instead of
+    reading the run back from the store. Its result is written into the run's group as
+    ``derived/<name>`` before the run's commit, so it exists exactly when the run is
+    complete. A reducer that fails only loses its own result (logged); the run is still
+    ingested, and consumers recompute from the store. Reducers must be picklable (they
+    travel to the workers).
+
+    Attributes
+    ----------
+    name : str
+        Array name under ``derived/`` (letters, digits, ``-``, ``_``, ``.``).
+    """
+
+    name: str
+
+    def begin(self, info: NiftiInfo, mask: np.ndarray | None) -> BlockAccumulator:
+        """Start on one run: its header and brain mask (None: no mask file)."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -327,7 +375,7 @@ def _template(c: _CheckedRun, plan: ChunkPlan, attrs: dict, options: IngestOptio
     )
     bold_enc: dict[str, Any] = {
         "chunks": plan.chunks,
-        "compressors": [BloscCodec(cname="zstd", clevel=options.clevel,
+        "compressors": [BloscCodec(cname=options.cname, clevel=options.clevel,
                                   shuffle=options.shuffle)],
         "dtype": raw_dtype,
     }
@@ -386,7 +434,8 @@ def _catalog_row(spec: RunSpec, status: str, *, error: str | None = None,
 
 
 def ingest_run(spec: RunSpec, store: StoreRef, options: IngestOptions | None = None,
-               source_options: dict | None = None, *, overwrite: bool = False) -> dict:
+               source_options: dict | None = None, *, overwrite: bool = False,
+               reducers: Sequence[BlockReducer] = ()) -> dict:
     """Ingest one run into ``store``; never raises for bad input, returns a catalog row.
 
     Parameters
@@ -401,6 +450,9 @@ def ingest_run(spec: RunSpec, store: StoreRef, options: IngestOptions | None = N
         fsspec options for reading the inputs.
     overwrite : bool, default=False
         Rewrite the run even when a complete copy with the same fingerprint exists.
+    reducers : sequence of BlockReducer, optional
+        Computed from the blocks as they are written (see :class:`BlockReducer`); not
+        applied to a run that is skipped.
 
     Returns
     -------
@@ -428,7 +480,7 @@ def ingest_run(spec: RunSpec, store: StoreRef, options: IngestOptions | None = N
                     return _catalog_row(spec, "complete", c=c, action="skipped",
                                         fingerprint=fingerprint,
                                         seconds=time.perf_counter() - start)
-        nbytes = _write_run(c, zstore, path, fingerprint, options)
+        nbytes = _write_run(c, zstore, path, fingerprint, options, reducers)
         return _catalog_row(spec, "complete", c=c, action="ingested", fingerprint=fingerprint,
                             nbytes=nbytes, seconds=time.perf_counter() - start)
     except Exception as e:
@@ -443,28 +495,64 @@ def ingest_run(spec: RunSpec, store: StoreRef, options: IngestOptions | None = N
                             seconds=time.perf_counter() - start)
 
 
-def time_last(raw: np.ndarray, block: int = 8192) -> np.ndarray:
-    """Re-lay a Fortran-ordered ``(x, y, z, t)`` batch so each voxel's samples are adjacent.
+def time_last_blocks(raw: np.ndarray, unit: Sequence[int]
+                     ) -> Iterator[tuple[tuple[slice, slice, slice], np.ndarray]]:
+    """Split a Fortran-ordered ``(x, y, z, t)`` batch into time-last spatial blocks.
 
-    NIfTI stores volumes one after the other; chunks store voxel time series. NumPy's
-    4D axis reversal is a strided copy that runs at ~150 MB/s and would be the slowest
-    step of ingestion. Viewed as a C-ordered ``(t, voxel)`` matrix, the same bytes need
-    only a 2D transpose, done here in cache-sized voxel blocks (~1.3 GB/s). The result is
-    an ``(x, y, z, t)`` view of ``(z, y, x, t)`` C-ordered memory: zarr then copies whole
-    time series (contiguous runs) into each chunk.
+    NIfTI stores volumes one after the other; chunks store voxel time series. NumPy's 4D
+    axis reversal is a strided copy at ~150 MB/s and would be the slowest step of
+    ingestion. Viewed as a C-ordered ``(t, z, y, x)`` array (a free view of the Fortran
+    batch), each z plane of a block is a small ``(t, y, x)`` tile, transposed to
+    ``(x, y, t)`` in cache (~1 GB/s). Each block comes out C-contiguous in chunk order, so
+    it is copied once here and zarr encodes it without another gather.
+
+    Parameters
+    ----------
+    raw : numpy.ndarray
+        ``(x, y, z, t)`` batch (Fortran order is the fast case; any layout is correct).
+    unit : sequence of int
+        Spatial block shape ``(ux, uy, uz)`` (a chunk or shard of the store).
+
+    Yields
+    ------
+    (slice, slice, slice), numpy.ndarray
+        The block's spatial position and its ``(ux, uy, uz, t)`` C-ordered values
+        (edge blocks are smaller).
     """
     nx, ny, nz, nt = raw.shape
-    # (t, voxel) C-ordered, voxels in (z, y, x) order: a free view of a whole Fortran batch,
-    # one contiguous-run copy for a slab of it
-    flat = np.ascontiguousarray(raw.T).reshape(nt, -1)
-    out = np.empty((flat.shape[1], nt), dtype=raw.dtype)
-    for v0 in range(0, flat.shape[1], block):
-        out[v0:v0 + block] = flat[:, v0:v0 + block].T
-    return out.reshape(nz, ny, nx, nt).transpose(2, 1, 0, 3)
+    ux, uy, uz = (int(u) for u in unit[:3])
+    src = raw.T  # (t, z, y, x): C-ordered when raw is Fortran-ordered
+    for x0 in range(0, nx, ux):
+        x1 = min(x0 + ux, nx)
+        for y0 in range(0, ny, uy):
+            y1 = min(y0 + uy, ny)
+            for z0 in range(0, nz, uz):
+                z1 = min(z0 + uz, nz)
+                out = np.empty((x1 - x0, y1 - y0, z1 - z0, nt), dtype=raw.dtype)
+                planes = out.transpose(2, 1, 0, 3)  # (z, y, x, t) view of the block
+                for z in range(z0, z1):
+                    planes[z - z0] = src[:, z, y0:y1, x0:x1].transpose(1, 2, 0)
+                yield (slice(x0, x1), slice(y0, y1), slice(z0, z1)), out
+
+
+_DERIVED_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _begin_reducers(reducers: Sequence[BlockReducer], c: _CheckedRun) -> list:
+    accs = []
+    for r in reducers:
+        try:
+            if not _DERIVED_NAME.match(str(r.name)):
+                raise ValueError(f"invalid derived array name {r.name!r}")
+            accs.append((r.name, r.begin(c.bold, c.mask)))
+        except Exception:  # a reducer only loses its own result, never the run
+            log.warning("%s: reducer %r not applied:\n%s", c.spec.run_id,
+                        getattr(r, "name", r), traceback.format_exc())
+    return accs
 
 
 def _write_run(c: _CheckedRun, zstore, path: str, fingerprint: str,
-               options: IngestOptions) -> int:
+               options: IngestOptions, reducers: Sequence[BlockReducer] = ()) -> int:
     info = c.bold
     plan = plan_bold_chunks(info.shape, info.dtype.itemsize, chunk_bytes=options.chunk_bytes,
                             batch_bytes=options.batch_bytes, shard_bytes=options.shard_bytes)
@@ -478,28 +566,56 @@ def _write_run(c: _CheckedRun, zstore, path: str, fingerprint: str,
         # mode="w" replaces any stale or partial copy of this run (and only this run)
         ds.to_zarr(zstore, group=path, mode="w", compute=False, zarr_format=3,
                    consolidated=False, encoding=encoding)
-    arr = zarr.open_array(zstore, path=f"{path}/bold", mode="r+")
+    # every block is written whole and BOLD chunks are rarely all zero: skip zarr's
+    # per-chunk "all fill value?" scan (a full extra pass over the data)
+    arr = zarr.open_array(zstore, path=f"{path}/bold", mode="r+").with_config(
+        {"write_empty_chunks": True})
+    accs = _begin_reducers(reducers, c)
     check_finite = np.issubdtype(info.dtype, np.floating)
     nbytes = 0
     for t0, raw in iter_volume_batches(info, plan.time_block):
-        if check_finite and not np.all(np.isfinite(raw)):
+        # a float64 sum is non-finite iff some value is (finite float32 cannot overflow it)
+        if check_finite and not np.isfinite(raw.sum(dtype=np.float64)):
             bad = ~np.isfinite(raw)
             vox = np.argwhere(bad)[0]
             raise InputError(info.path, f"contains {int(bad.sum())} NaN/inf voxel values "
                                         f"(first at voxel {tuple(int(v) for v in vox[:3])}, "
                                         f"volume {t0 + int(vox[3])})")
-        # one slab of whole chunks (or shards) at a time: the re-laid copy and zarr's
-        # encode buffers stay a fraction of the batch
-        step = plan.write_unit[0]
-        for x0 in range(0, raw.shape[0], step):
-            arr[x0:x0 + step, :, :, t0:t0 + raw.shape[3]] = time_last(raw[x0:x0 + step])
+        # one block (chunk or shard) at a time: the re-laid copy and zarr's encode
+        # buffers stay a fraction of the batch
+        tsl = slice(t0, t0 + raw.shape[3])
+        for idx, block in time_last_blocks(raw, plan.write_unit):
+            arr[(*idx, tsl)] = block
+            for name, acc in list(accs):
+                try:
+                    acc.update((*idx, tsl), block)
+                except Exception:
+                    log.warning("%s: reducer %r dropped:\n%s", c.spec.run_id, name,
+                                traceback.format_exc())
+                    accs.remove((name, acc))
+            del block
         nbytes += raw.nbytes
         del raw  # before the next batch is read: never two batches in memory
+    for name, acc in accs:
+        try:
+            data, meta = acc.finish()
+            data = np.asarray(data)
+            zarr.create_array(zstore, name=f"{path}/derived/{name}", data=data,
+                              attributes=_jsonable(meta), overwrite=True,
+                              dimension_names=[f"dim_{i}" for i in range(data.ndim)])
+        except Exception:
+            log.warning("%s: reducer %r result not written:\n%s", c.spec.run_id, name,
+                        traceback.format_exc())
     grp = zarr.open_group(zstore, path=path, mode="r+", use_consolidated=False)
     attrs[STATUS_ATTR] = "complete"
     attrs["ingested_at"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     grp.attrs.put(attrs)  # one key write: the commit
     return nbytes
+
+
+def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(meta, default=lambda o: o.tolist() if hasattr(o, "tolist")
+                                 else str(o)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -584,8 +700,9 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
            subjects=None, sessions=None, tasks=None, runs=None, spaces=None,
            chunk_bytes: int | str = "32MiB", batch_bytes: int | str = "128MiB",
            shard_bytes: int | str | None = None, clevel: int = 1,
-           shuffle: str = "bitshuffle", overwrite: bool = False,
-           progress: bool | Callable[[dict, int], None] = False) -> pd.DataFrame:
+           shuffle: str = "bitshuffle", cname: str = "lz4", overwrite: bool = False,
+           progress: bool | Callable[[dict, int], None] = False,
+           reducers: Sequence[BlockReducer] = ()) -> pd.DataFrame:
     """Ingest fMRI runs into a Zarr v3 store, in parallel, resumably.
 
     Parameters
@@ -602,7 +719,7 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
         fsspec options of the store and of the source (credentials, endpoints).
     subjects, sessions, tasks, runs, spaces : str or list of str, optional
         Discovery filters (BIDS sources only).
-    chunk_bytes, batch_bytes, shard_bytes, clevel, shuffle
+    chunk_bytes, batch_bytes, shard_bytes, clevel, shuffle, cname
         See :class:`IngestOptions`.
     overwrite : bool, default=False
         Rewrite runs that are already complete.
@@ -612,6 +729,10 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
         finishes (``row["action"]`` is "ingested", "skipped" or "failed") and the number
         of runs being ingested, in this process, e.g. to drive
         :class:`pipeline.progress.StageProgress`.
+    reducers : sequence of BlockReducer, optional
+        Computed from each ingested run's blocks as they are written, in the same pass,
+        and stored as ``<run>/derived/<name>`` (e.g. region sums for an atlas, so a
+        labels job never reads the run back). Runs that are skipped get none.
 
     Returns
     -------
@@ -624,7 +745,7 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
     source_options = dict(source_options or {})
     ref = StoreRef.coerce(store, storage_options)
     options = IngestOptions(chunk_bytes, batch_bytes, shard_bytes, clevel,
-                            shuffle).normalized()
+                            shuffle, cname).normalized()
     filters = {"subjects": subjects, "sessions": sessions, "tasks": tasks, "runs": runs,
                "spaces": spaces}
     specs = _resolve_runs(source, source_options, filters)
@@ -635,14 +756,16 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
     zstore = ref.open()
     _init_root(zstore)
 
-    rows = _map_runs(specs, ref, options, source_options, overwrite, client, progress)
+    rows = _map_runs(specs, ref, options, source_options, overwrite, client, progress,
+                     tuple(reducers))
     frame = pd.DataFrame(rows)
     write_catalog(zstore, rows)
     return frame
 
 
 def _map_runs(specs, ref, options, source_options, overwrite, client,
-              progress: bool | Callable[[dict, int], None]) -> list[dict]:
+              progress: bool | Callable[[dict, int], None],
+              reducers: tuple = ()) -> list[dict]:
     """Ingest every run, on ``client`` or with local threads; rows in ``specs`` order.
 
     A callable ``progress`` gets ``(row, len(specs))`` as each run finishes (always in
@@ -659,6 +782,7 @@ def _map_runs(specs, ref, options, source_options, overwrite, client,
 
         futures = [
             client.submit(ingest_run, spec, ref, options, source_options, overwrite=overwrite,
+                          reducers=reducers,
                           key=f"ingest-{spec.run_id}-{dask.base.tokenize(ref.url, options)}",
                           pure=False)
             for spec in specs
@@ -679,14 +803,16 @@ def _map_runs(specs, ref, options, source_options, overwrite, client,
         # same threads as dask's local scheduler, but each row is reported as it finishes
         with ThreadPoolExecutor(max_workers=dask.system.CPU_COUNT) as pool:
             futures = {pool.submit(ingest_run, spec, ref, options, source_options,
-                                   overwrite=overwrite): i for i, spec in enumerate(specs)}
+                                   overwrite=overwrite, reducers=reducers): i
+                       for i, spec in enumerate(specs)}
             rows: list[dict] = [{}] * len(specs)
             for fut in as_completed(futures):
                 rows[futures[fut]] = fut.result()
                 callback(rows[futures[fut]], len(specs))
         return rows
     tasks = [dask.delayed(ingest_run, pure=False)(spec, ref, options, source_options,
-                                                  overwrite=overwrite) for spec in specs]
+                                                  overwrite=overwrite, reducers=reducers)
+             for spec in specs]
     if progress:
         from dask.diagnostics import ProgressBar
 

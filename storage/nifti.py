@@ -3,8 +3,8 @@
 A 4D NIfTI image is stored in Fortran order with time as the slowest axis, so a batch of
 consecutive volumes is one contiguous byte range. Reading volume batches in order is the
 only access pattern that is cheap for ``.nii.gz`` (gzip can only be decompressed
-sequentially), and it keeps memory at one batch. Headers are parsed by nibabel; bytes are
-read from one open (fsspec) stream with :func:`nibabel.volumeutils.array_from_file`, never
+sequentially), and it keeps memory at one batch. Headers are parsed by nibabel; volume
+batches are decompressed from one open (fsspec) stream straight into their arrays, never
 through a memory map (wrapping a memmap in a dask array copies the whole file, and a
 ``.nii.gz`` cannot be mapped at all).
 
@@ -238,8 +238,9 @@ def iter_volume_batches(info: NiftiInfo, batch: int) -> Iterator[tuple[int, np.n
             _skip(stream, info.vox_offset)
             for t0 in range(0, nt, batch):
                 n = min(batch, nt - t0)
-                raw = array_from_file((nx, ny, nz, n), info.dtype, stream, stream.tell(),
-                                      order="F", mmap=False)
+                # decompressed straight into the batch array: no intermediate bytes copy
+                raw = np.empty((nx, ny, nz, n), dtype=info.dtype, order="F")
+                _read_into(stream, raw, info.path, f"volumes {t0}..{t0 + n - 1} of {nt}")
                 if raw.dtype != native:
                     raw = raw.astype(native)
                 yield t0, raw
@@ -252,6 +253,18 @@ def iter_volume_batches(info: NiftiInfo, batch: int) -> Iterator[tuple[int, np.n
                 info.path, f"corrupt or truncated file while reading {where} "
                 f"({type(e).__name__}: {e})"
             ) from e
+
+
+def _read_into(stream: BinaryIO, out: np.ndarray, path: str, what: str) -> None:
+    """Fill ``out`` (contiguous) from ``stream``; a short read is a truncated file."""
+    view = memoryview(out.reshape(-1, order="A")).cast("B")
+    got = 0
+    while got < view.nbytes:
+        n = stream.readinto(view[got:])
+        if not n:
+            raise InputError(path, f"corrupt or truncated file while reading {what} "
+                                   f"(file ended {view.nbytes - got} bytes early)")
+        got += n
 
 
 def _skip(stream: BinaryIO, offset: int) -> None:

@@ -84,8 +84,13 @@ def test_cli_dry_run_and_error(tmp_path):
 # ---------------------------------------------------------------------------- jobs
 
 
-def _check_report(report: pd.DataFrame, store: Path, source: Path | None) -> None:
-    """Report columns, and per complete run the bytes of its stored BOLD, from the store."""
+def _check_report(report: pd.DataFrame, store: Path, source: Path | None,
+                  fused: bool = False) -> None:
+    """Report columns, and per complete run the bytes its graph read, from the store.
+
+    ``fused``: the job ingested its input with region sums (``derived/labelsums-*``), so
+    the graph read those instead of the BOLD array.
+    """
     import zarr
 
     import storage
@@ -99,10 +104,17 @@ def _check_report(report: pd.DataFrame, store: Path, source: Path | None) -> Non
     done = report[report["status"] == "complete"]
     assert len(done) and (done["seconds"] > 0).all() and done["error"].isna().all()
     for _, row in done.iterrows():
-        bold = bs.open_group(groups[row["run_id"]], chunks=None)["bold"]
-        # bytes_read: the uncompressed stored array, every voxel and volume of the run
-        assert row["bytes_read"] == bold.size * bold.dtype.itemsize == bold.nbytes
-        folder = store / groups[row["run_id"]] / "bold"
+        derived = sorted((store / groups[row["run_id"]] / "derived").glob("labelsums-*"))
+        assert len(derived) == int(fused)
+        if fused:  # (time, region) float64 sums: all the run's graph read
+            folder = derived[0]
+            sums = zarr.open_array(folder)
+            assert row["bytes_read"] == sums.nbytes == sums.shape[0] * sums.shape[1] * 8
+        else:
+            bold = bs.open_group(groups[row["run_id"]], chunks=None)["bold"]
+            # bytes_read: the uncompressed stored array, every voxel and volume of the run
+            assert row["bytes_read"] == bold.size * bold.dtype.itemsize == bold.nbytes
+            folder = store / groups[row["run_id"]] / "bold"
         chunks = [p for p in folder.rglob("*") if p.is_file() and p.name != "zarr.json"]
         assert len(chunks) == np.prod(zarr.open_array(folder).cdata_shape)
         assert row["stored_bytes"] == sum(p.stat().st_size for p in chunks)
@@ -144,7 +156,8 @@ def test_job_outputs_failures_and_resume(tmp_path, sim, client):
     assert result.matrices["pearson"].sizes["subject"] == 5
     report = pd.read_csv(tmp_path / "out" / "boldflow_runs.tsv", sep="\t")
     assert sorted(report["status"]) == ["complete"] * 5 + ["failed"]
-    _check_report(report, tmp_path / "out" / "boldflow.zarr", src)
+    # ingested in the job's pass with region sums: the runs' graphs never read the BOLD
+    _check_report(report, tmp_path / "out" / "boldflow.zarr", src, fused=True)
     # per-stage progress and the final summary (plain lines: echo is not a terminal)
     assert "ingest: 6/6 (6 ingested, 0 skipped, 0 failed)" in "\n".join(lines)
     assert any(ln.startswith("runs: sub-03_") and "[confounds]" in ln for ln in lines)

@@ -128,6 +128,89 @@ def test_label_signals_from_stored_chunks(sim, chunks):
                                fast.values[3:], rtol=1e-12, equal_nan=True)
 
 
+def _fused(store, sub, atlas_path, split=False):
+    """Region means from the sums ingestion stored (LabelSums), as the job reads them."""
+    import zarr
+
+    from pipeline.jobs import _file_sha
+    from pipeline.parcellation import LabelSums, ingested_label_signals
+
+    ds = storage.open_run(store, subject=sub, task=None)
+    reducer = LabelSums(str(atlas_path), _file_sha(str(atlas_path)), split)
+    group = storage.open_store(store).runs().set_index("sub").loc[sub, "group"]
+    grp = zarr.open_group(str(store), path=group, mode="r")
+    atlas = load_atlas(atlas_path, reference=ds, split_connected=split, min_region_size=1)
+    return ds, atlas, ingested_label_signals(ds, grp, reducer, atlas)
+
+
+def test_label_sums_at_ingest_equal_stored_chunks_and_nilearn(sim, tmp_path):
+    """One pass: region sums computed by ingestion == the chunk path == NiftiLabelsMasker."""
+    from pipeline.jobs import _file_sha
+    from pipeline.parcellation import LabelSums
+
+    s, _ = sim
+    store = tmp_path / "fused.zarr"
+    reducer = LabelSums(str(s.atlas), _file_sha(str(s.atlas)))
+    # several time batches and spatial chunks: sums are added across both
+    storage.ingest(s.root, store, chunk_bytes=14 * 16 * 12 * 80 * 4 // 9,
+                   batch_bytes=14 * 16 * 12 * 4 * 30, reducers=[reducer])
+    for sub, run in (("01", s.runs[0]), ("02", s.runs[1])):
+        ds, atlas, fused = _fused(store, sub, s.atlas)
+        assert fused is not None
+        chunked = label_signals(storage.open_run(store, subject=sub, task="rest",
+                                                 chunks=None), atlas)
+        np.testing.assert_allclose(fused.values, chunked.values, rtol=1e-12, equal_nan=True)
+        np.testing.assert_array_equal(fused["n_voxels"].values, chunked["n_voxels"].values)
+        assert list(fused["region"].values) == list(chunked["region"].values)
+        np.testing.assert_array_equal(fused["time"].values, chunked["time"].values)
+        masker = NiftiLabelsMasker(labels_img=str(s.atlas), mask_img=str(run.mask),
+                                   standardize=None)
+        ref = _quiet(masker.fit_transform, str(run.bold))
+        valid = fused["n_voxels"].values > 0
+        np.testing.assert_allclose(fused.values[:, valid], ref, rtol=1e-5)
+    # another atlas (or none stored): no match, the job falls back to the chunk path
+    other = tmp_path / "other.nii.gz"
+    img = nib.load(s.atlas)
+    nib.Nifti1Image(np.asanyarray(img.dataobj)[::-1].copy(), img.affine).to_filename(other)
+    assert _fused(store, "01", other)[2] is None
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_label_sums_at_ingest_scaled_int16_real_atlas_with_empty_regions(tmp_path, split):
+    """Real data stored as scaled int16; a real atlas resampled to it, regions outside the
+    brain mask are NaN columns in both paths."""
+    from pipeline.jobs import _file_sha
+    from pipeline.parcellation import LabelSums
+
+    src = nib.load(HAXBY / "run-001" / "bold_25mm.nii.gz")
+    img = nib.Nifti1Image(np.asanyarray(src.dataobj).astype(np.int16), src.affine, src.header)
+    img.header.set_slope_inter(0.5, 10.0)
+    bold_path = tmp_path / "bold.nii.gz"
+    img.to_filename(bold_path)
+    mask_path = HAXBY / "masks" / "25mm" / "brain.nii.gz"
+    spec = storage.RunSpec(bold=str(bold_path), mask=str(mask_path),
+                           entities={"sub": "001", "task": "objects"}, t_r=2.5)
+    atlas_path = ATLASES / ("tpl-MNI152NLin6Asym_atlas-Schaefer2018v0143_res-02_"
+                            "desc-100Parcels17Networks_dseg.nii.gz")
+    store = tmp_path / "h.zarr"
+    storage.ingest([spec], store, chunk_bytes="8KiB", batch_bytes="40KiB",
+                   reducers=[LabelSums(str(atlas_path), _file_sha(str(atlas_path)), split)])
+    ds, atlas, fused = _fused(store, "001", atlas_path, split=split)
+    assert ds["bold"].encoding["scale_factor"] == 0.5
+    chunked = label_signals(storage.open_run(store, subject="001", task="objects",
+                                             chunks=None), atlas)
+    empty = fused["n_voxels"].values == 0
+    assert empty.any() and (~empty).sum() > 10  # both kinds of columns are exercised
+    assert np.isnan(fused.values[:, empty]).all()
+    np.testing.assert_allclose(fused.values, chunked.values, rtol=1e-6, equal_nan=True)
+    if not split:  # nilearn on the same file: scaled values, regions it keeps
+        masker = NiftiLabelsMasker(labels_img=str(atlas_path), mask_img=str(mask_path),
+                                   standardize=None)
+        ref = _quiet(masker.fit_transform, str(bold_path))
+        assert ref.shape[1] == (~empty).sum()
+        np.testing.assert_allclose(fused.values[:, ~empty], ref, rtol=1e-5)
+
+
 @pytest.mark.parametrize("strategy_confounds", [False, True])
 def test_region_level_cleaning_equals_labels_masker(sim, strategy_confounds):
     """NiftiLabelsMasker averages raw voxels, then cleans the region signals."""

@@ -58,16 +58,24 @@ def test_small_runs_get_whole_time_series(shape, itemsize):
 @settings(max_examples=100, deadline=None)
 @given(shape=st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 9),
                        st.integers(1, 12)),
-       block=st.integers(1, 50), dtype=st.sampled_from(["int16", "float32", "uint8"]))
-def test_time_last_is_a_pure_relayout(shape, block, dtype):
+       unit=st.tuples(st.integers(1, 10), st.integers(1, 10), st.integers(1, 10)),
+       dtype=st.sampled_from(["int16", "float32", "uint8"]),
+       fortran=st.booleans())
+def test_time_last_blocks_tile_the_batch_exactly(shape, unit, dtype, fortran):
     import numpy as np
 
-    from storage.ingest import time_last
+    from storage.ingest import time_last_blocks
 
     rng = np.random.default_rng(0)
-    raw = np.asfortranarray(rng.integers(0, 100, size=shape).astype(dtype))
-    out = time_last(raw, block=block)
-    assert out.shape == raw.shape
-    np.testing.assert_array_equal(out, raw)
-    # each voxel's time series is contiguous in memory (what chunk copies need)
-    assert out.strides[3] == raw.itemsize
+    raw = rng.integers(0, 100, size=shape).astype(dtype)
+    if fortran:
+        raw = np.asfortranarray(raw)
+    seen = np.zeros(shape[:3], dtype=int)
+    for (sx, sy, sz), block in time_last_blocks(raw, unit):
+        np.testing.assert_array_equal(block, raw[sx, sy, sz])
+        # each block is C-contiguous: voxel time series adjacent (what chunks store)
+        assert block.flags.c_contiguous and block.dtype == raw.dtype
+        assert block.shape[:3] == tuple(min(u, n - s.start) for u, n, s in
+                                         zip(unit, shape[:3], (sx, sy, sz), strict=True))
+        seen[sx, sy, sz] += 1
+    assert (seen == 1).all()  # every voxel exactly once

@@ -90,6 +90,83 @@ def test_sharded_layout_roundtrip(tmp_path):
     np.testing.assert_array_equal(ds["bold"].values, _nib_data(spec.bold))
 
 
+# ---------------------------------------------------------------------------- reducers
+
+
+class _VoxelStats:
+    """Test reducer: each voxel's sum over time and the volumes' mean inside the mask."""
+
+    name = "voxelstats"
+
+    def begin(self, info, mask):
+        return _VoxelStatsAcc(info, mask)
+
+
+class _VoxelStatsAcc:
+    def __init__(self, info, mask):
+        self.mask = np.ones(info.shape[:3], bool) if mask is None else mask
+        self.sums = np.zeros(info.shape[:3])
+        self.means = np.zeros(info.shape[3])
+        self.seen = np.zeros(info.shape, dtype=np.int8)
+
+    def update(self, index, block):
+        assert block.flags.c_contiguous  # time last, as stored
+        self.sums[index[:3]] += block.sum(axis=3)
+        self.means[index[3]] += block[self.mask[index[:3]]].sum(axis=0) / self.mask.sum()
+        self.seen[index] += 1
+
+    def finish(self):
+        assert (self.seen == 1).all()  # every value handed over exactly once
+        return self.sums, {"means": self.means, "note": "ok"}
+
+
+class _Broken:
+    name = "broken"
+
+    def begin(self, info, mask):
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("layout", [{}, {"shard_bytes": "64KiB"}])
+def test_reducers_see_every_block_once_and_are_stored_before_commit(tmp_path, layout):
+    spec = make_run(tmp_path / "in", "01", shape=(16, 16, 12, 30), dtype="int16",
+                    slope=0.5, inter=2.0)
+    vol = 16 * 16 * 12 * 2
+    cat = storage.ingest([spec], tmp_path / "s.zarr", chunk_bytes=vol * 10 // 5,
+                         batch_bytes=vol * 10, reducers=[_Broken(), _VoxelStats()], **layout)
+    assert list(cat["status"]) == ["complete"]  # a failing reducer never fails the run
+    raw = np.asanyarray(nib.load(spec.bold).dataobj.get_unscaled())
+    mask = np.asanyarray(nib.load(spec.mask).dataobj) != 0
+    grp = zarr.open_group(str(tmp_path / "s.zarr"), path="sub-01/task-rest", mode="r")
+    assert set(grp["derived"].array_keys()) == {"voxelstats"}  # nothing from the broken one
+    stats = grp["derived/voxelstats"]
+    # the reducer sees the stored (unscaled) values, in several time batches
+    np.testing.assert_allclose(stats[...], raw.sum(axis=3, dtype=np.float64), rtol=1e-12)
+    np.testing.assert_allclose(stats.attrs["means"], raw[mask].mean(axis=0), rtol=1e-12)
+    assert stats.attrs["note"] == "ok"
+    # the run's dataset is unchanged by derived arrays (a subgroup, not a variable)
+    ds = storage.open_run(tmp_path / "s.zarr", subject="01", task="rest")
+    assert set(ds.data_vars) == {"bold", "mask", "confounds"}
+    # a skipped run is not read again: reducers do not run
+    again = storage.ingest([spec], tmp_path / "s.zarr", chunk_bytes=vol * 10 // 5,
+                           batch_bytes=vol * 10, reducers=[_Broken()], **layout)
+    assert list(again["action"]) == ["skipped"]
+
+
+def test_default_codec_is_lz4_bitshuffle_and_zstd_is_an_option(tmp_path):
+    spec = make_run(tmp_path / "in", "01", shape=(16, 16, 12, 20))
+    for cname in ("lz4", "zstd"):
+        store = tmp_path / f"{cname}.zarr"
+        kw = {} if cname == "lz4" else {"cname": "zstd"}
+        storage.ingest([spec], store, **kw)
+        arr = zarr.open_array(str(store), path="sub-01/task-rest/bold", mode="r")
+        (codec,) = arr.compressors
+        assert (codec.cname.value, codec.shuffle.value, codec.clevel) == (cname, "bitshuffle", 1)
+        np.testing.assert_array_equal(arr[...], _nib_data(spec.bold))
+    with pytest.raises(ValueError, match="cname"):
+        storage.ingest([spec], tmp_path / "x.zarr", cname="snappy2")
+
+
 def test_haxby_real_data(tmp_path):
     """Real int16 native-space runs with FSL-style motion files and a separate mask."""
     specs = [RunSpec(bold=str(HAXBY / f"run-00{i}" / "bold_25mm.nii.gz"),
