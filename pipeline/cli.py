@@ -78,13 +78,18 @@ def demo(out: Path, subjects: int, volumes: int, seed: int, workers: int | None,
 @click.option("--batch-size", default="128MiB", show_default=True,
               help="Volumes held in memory per run while ingesting.")
 @click.option("--shard-size", default=None, help="Enable sharding (object stores), e.g. 256MiB.")
+@click.option("--codec", type=click.Choice(["lz4", "zstd", "lz4hc", "blosclz", "zlib"]),
+              default="lz4", show_default=True,
+              help="Blosc compressor (bit shuffle, level 1); zstd: 7-10 % smaller stores, "
+                   "~3x slower to write.")
 @click.option("--overwrite", is_flag=True, help="Rewrite runs that are already complete.")
 @click.option("-o", "--storage-option", "store_opts", multiple=True,
               help="fsspec option of the store, key=value (repeatable).")
 @click.option("-s", "--source-option", "source_opts", multiple=True,
               help="fsspec option of the source, key=value (repeatable).")
 def ingest(source: str, store: str, workers, memory_limit, scheduler, subjects, tasks, spaces,
-           chunk_size, batch_size, shard_size, overwrite, store_opts, source_opts) -> None:
+           chunk_size, batch_size, shard_size, codec, overwrite, store_opts,
+           source_opts) -> None:
     """Ingest SOURCE (fMRIPrep derivatives folder/URL, or a run manifest .yaml) into STORE."""
     import storage
 
@@ -108,7 +113,7 @@ def ingest(source: str, store: str, workers, memory_limit, scheduler, subjects, 
                 source_options=_options_kv(source_opts), subjects=list(subjects) or None,
                 tasks=list(tasks) or None, spaces=list(spaces) or None,
                 chunk_bytes=chunk_size, batch_bytes=batch_size, shard_bytes=shard_size,
-                overwrite=overwrite, progress=on_run)
+                cname=codec, overwrite=overwrite, progress=on_run)
         finally:
             if progress.done:
                 progress.close()

@@ -84,8 +84,8 @@ class IngestOptions:
         Blosc pre-filter. On real int16 BOLD (Haxby, time-contiguous chunks) bit shuffle
         compresses clearly better than byte shuffle (2.5x vs 2.1x with zstd level 1).
     cname : {"lz4", "zstd", "lz4hc", "blosclz", "zlib"}, default="lz4"
-        Blosc compressor. With bit shuffle, LZ4 encodes ~3x and decodes ~1.5x faster than
-        zstd level 1 for 5-8 % larger stores on real BOLD (the HDF5 bitshuffle filter's
+        Blosc compressor. With bit shuffle, LZ4 encodes 2-3x and decodes 1.3-2x faster than
+        zstd level 1 for 7-10 % larger stores on real BOLD (the HDF5 bitshuffle filter's
         choice for the same reason); ``"zstd"`` for the smallest store. Measured in
         tests/benchmarks/RESULTS.md ("Codec").
     """

@@ -66,11 +66,17 @@ def test_ingest_reports_failures_and_keeps_successes(tmp_path, sim):
 def test_ingest_filters_and_rerun(tmp_path, sim):
     store = str(tmp_path / "s.zarr")
     res = _boldflow("ingest", str(sim.root), store, "--workers", "1", "--subject", "01",
-                    "--subject", "03", cwd=tmp_path)
+                    "--subject", "03", "--codec", "zstd", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "2 ingested" in res.stdout
-    res = _boldflow("ingest", str(sim.root), store, "--workers", "1", cwd=tmp_path)
+    res = _boldflow("ingest", str(sim.root), store, "--workers", "1", "--codec", "zstd",
+                    cwd=tmp_path)
     assert "1 ingested" in res.stdout and "2 skipped" in res.stdout
+    import zarr
+
+    group = storage.open_store(store).runs().set_index("sub").loc["02", "group"]
+    (codec,) = zarr.open_array(store, path=f"{group}/bold", mode="r").compressors
+    assert codec.cname.value == "zstd"
     ds = storage.open_run(store, subject="02", task="rest")
     np.testing.assert_array_equal(ds["bold"].values,
                                   np.asanyarray(nib.load(sim.runs[1].bold).dataobj))

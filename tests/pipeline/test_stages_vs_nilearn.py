@@ -155,7 +155,7 @@ def test_label_sums_at_ingest_equal_stored_chunks_and_nilearn(sim, tmp_path):
     storage.ingest(s.root, store, chunk_bytes=14 * 16 * 12 * 80 * 4 // 9,
                    batch_bytes=14 * 16 * 12 * 4 * 30, reducers=[reducer])
     for sub, run in (("01", s.runs[0]), ("02", s.runs[1])):
-        ds, atlas, fused = _fused(store, sub, s.atlas)
+        _, atlas, fused = _fused(store, sub, s.atlas)
         assert fused is not None
         chunked = label_signals(storage.open_run(store, subject=sub, task="rest",
                                                  chunks=None), atlas)
