@@ -704,8 +704,15 @@ def main() -> None:
                     f"{'done' if cmp is not None else 'missing'} "
                     f"({len(result.group_outputs)} group outputs). Client-process peak RSS: "
                     f"{max(r['rss_client'] for r in bf_e2e) / MB:.0f} MB.")
+                outdir, st = tmp / "out-e2e-count", tmp / "e2e-count.zarr"
+                n_back = count_reads(client, lambda: run_pipeline(
+                    pipeline_job(str(root), outdir, atlas, store=st, groups=True), client))
+                shutil.rmtree(outdir, ignore_errors=True)
+                shutil.rmtree(st, ignore_errors=True)
+                say(f"\nBOLD chunks read back from the store after ingestion: {n_back} (counted "
+                    "in an extra, untimed run; region sums come from ingestion's own pass).")
                 say("\nTask stream of the last boldflow repetition (ingest_run = gunzip + "
-                    "compress + write of one run):\n")
+                    "re-layout + compress + write + region sums of one run):\n")
                 for line in task_breakdown(*stream3, args.workers):
                     say(line)
 
