@@ -459,9 +459,11 @@ def _plan_run(
         sampling_rate = 1.0 / t_r
         sos = _butterworth_sos(sampling_rate, low_pass, high_pass, bw_kwargs.get("order", 5))
         if confounds is not None:
+            # copy=True: nilearn's one sosfiltfilt(axis=0) call instead of its loop over
+            # columns (each column is filtered independently either way: same numbers)
             confounds = _nls.butterworth(
                 confounds, sampling_rate=sampling_rate, low_pass=low_pass,
-                high_pass=high_pass, **bw_kwargs,
+                high_pass=high_pass, **{**bw_kwargs, "copy": True},
             )
         if censor_after is not None:
             n_cur = np.arange(n_cur)[censor_after].size
