@@ -124,6 +124,32 @@ def _check_report(report: pd.DataFrame, store: Path, source: Path | None,
             assert row["source_bytes"] == nifti.stat().st_size
 
 
+@pytest.mark.parametrize("change,fused", [
+    ({}, True),
+    ({"mask": {"strategy": "group"}}, False),  # known only after every run is ingested
+    ({"mask": {"strategy": "epi"}}, False),
+    ({"clean": {"level": "voxel"}}, False),  # voxel-wise stages read the store anyway
+    ({"export": {"cleaned_bold": True}}, False),
+    ({"parcellate": {"kind": "maps"}}, False),
+])
+def test_which_jobs_get_region_sums_from_ingestion(sim, tmp_path, change, fused):
+    from pipeline.jobs import label_sums_reducer
+
+    cfg = Pipeline(_job(sim, tmp_path / "out", **change)).config
+    reducer = label_sums_reducer(cfg)
+    assert (reducer is not None) == fused
+    if fused:  # named by the atlas' content: another atlas file never matches
+        assert reducer.name.startswith("labelsums-")
+        import nibabel as nib
+
+        img = nib.load(sim.atlas)
+        other = tmp_path / "atlas.nii.gz"
+        nib.Nifti1Image(np.asanyarray(img.dataobj)[::-1].copy(), img.affine).to_filename(other)
+        changed = label_sums_reducer(Pipeline(_job(sim, tmp_path / "o", parcellate={
+            "atlas": str(other)})).config)
+        assert changed.name != reducer.name
+
+
 def test_job_outputs_failures_and_resume(tmp_path, sim, client):
     src = tmp_path / "derivs"
     shutil.copytree(sim.root, src)
