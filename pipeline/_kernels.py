@@ -4,7 +4,8 @@ Everything here works on one ``(time, voxel-block)`` array whose time axis is co
 a :class:`CleanPlan` that holds all the time-only quantities (interpolation weights, Butterworth
 second-order sections, confound basis, linear operators...) computed once, eagerly, by
 :mod:`pipeline.signal`. This module imports neither nilearn nor dask, so that worker processes
-only need NumPy and SciPy to run the tasks.
+only need NumPy to run the tasks (and :mod:`scipy.signal`, imported on first use, to
+filter).
 
 The cleaning of :func:`nilearn.signal.clean` is, up to the final standardisation, a *linear*
 map of each voxel's time series: interpolation of censored volumes (cubic spline), linear
@@ -27,7 +28,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import signal as sp_signal
 
 __all__ = [
     "CleanPlan",
@@ -193,22 +193,29 @@ class CleanPlan:
 # ------------------------------------------------------------------------------ steps
 
 
-def detrend(x: np.ndarray) -> np.ndarray:
-    """Remove the mean and the linear trend of each column (copy), like nilearn's ``_detrend``.
+#: Rows per step of the in-place trend removal (bounds its temporary to a few rows).
+_DETREND_ROWS = 32
+
+
+def detrend(x: np.ndarray, *, copy: bool = True) -> np.ndarray:
+    """Remove the mean and the linear trend of each column, like nilearn's ``_detrend``.
 
     Parameters
     ----------
     x : numpy.ndarray
         ``(time, features)`` array.
+    copy : bool, default=True
+        False: detrend ``x`` in place when it already has the output dtype (the caller owns
+        it); the numbers are the same.
 
     Returns
     -------
     numpy.ndarray
-        Detrended copy; float32/float64 keep their dtype, other dtypes become float64
+        Detrended array; float32/float64 keep their dtype, other dtypes become float64
         (as :func:`sklearn.utils.as_float_array` in nilearn).
     """
     dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
-    x = np.array(x, dtype=dtype, copy=True)
+    x = np.array(x, dtype=dtype, copy=True) if copy else np.asarray(x, dtype=dtype)
     n = x.shape[0]
     if n == 1:  # nilearn warns (at plan time) and skips
         return x
@@ -218,12 +225,17 @@ def detrend(x: np.ndarray) -> np.ndarray:
     std = np.sqrt((regressor**2).sum())
     if not std < _EPS64:
         regressor /= std
-    x -= regressor[:, None] * (regressor @ x)[None, :]
+    coef = regressor @ x
+    # x -= regressor[:, None] * coef[None, :], a few rows at a time: the same products and
+    # differences, without a temporary of the size of x
+    for start in range(0, n, _DETREND_ROWS):
+        rows = slice(start, start + _DETREND_ROWS)
+        x[rows] -= regressor[rows, None] * coef[None, :]
     return x
 
 
 def run_pre_stepwise(
-    x: np.ndarray, rp: RunPlan, *, with_mean: bool
+    x: np.ndarray, rp: RunPlan, *, with_mean: bool, owned: bool = False
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Linear part of the cleaning of one run, step by step, vectorised over columns.
 
@@ -231,12 +243,14 @@ def run_pre_stepwise(
     ----------
     x : numpy.ndarray
         ``(rp.n_in, n_columns)`` signals of the run, already cast to the working dtype. Not
-        modified.
+        modified unless ``owned``.
     rp : RunPlan
         Plan of the run.
     with_mean : bool
         Also return the mean over time of the signals after interpolation/censoring and before
         detrending (nilearn's ``original_mean_signals``, needed by ``psc``).
+    owned : bool, default=False
+        ``x`` is a temporary of the caller, which may be modified (fewer copies).
 
     Returns
     -------
@@ -245,7 +259,6 @@ def run_pre_stepwise(
     mean : numpy.ndarray or None
         ``(n_columns,)`` original means, or None.
     """
-    owned = False
     if rp.interp_rows is not None:
         # cubic-spline interpolation of censored volumes, from the kept volumes only (so that
         # non-finite values in censored volumes do not leak, as in nilearn)
@@ -263,9 +276,13 @@ def run_pre_stepwise(
     mean = x.mean(axis=0) if with_mean else None
 
     if rp.detrend:
-        x = detrend(x)
+        x = detrend(x, copy=not owned)
         owned = True
     if rp.sos is not None and x.shape[1] > 0:
+        # imported here: scipy.signal (with scipy.stats) is ~40 MB of resident memory that a
+        # worker only needs when a plan filters
+        from scipy import signal as sp_signal
+
         filtered = sp_signal.sosfiltfilt(rp.sos, x, axis=0, padtype=rp.padtype, padlen=rp.padlen)
         x = filtered.astype(x.dtype, copy=False)  # nilearn assigns back into its array
         owned = True
@@ -302,20 +319,28 @@ def run_pre(x: np.ndarray, rp: RunPlan, out_dtype: np.dtype) -> np.ndarray:
     """
     offset = None
     if rp.operator is not None:
-        src = x if rp.operator_src is None else x[rp.operator_src]
+        src = x if rp.operator_src is None else x[rp.operator_src]  # a copy when indexed
         if rp.center_rows is not None:
             offset = src.mean(axis=0)
-            src = src - offset
+            if src is x:
+                src = src - offset  # x is the caller's array
+            else:
+                src -= offset  # same numbers, one block-sized temporary less
         pre = rp.operator @ src
     else:
-        if rp.center_rows is not None:
+        owned = rp.center_rows is not None
+        if owned:
             offset = x[rp.center_rows].mean(axis=0)
             x = x - offset
-        pre, mean = run_pre_stepwise(x, rp, with_mean=rp.psc)
+        pre, mean = run_pre_stepwise(x, rp, with_mean=rp.psc, owned=owned)
         if mean is not None:
             pre = np.concatenate([pre, mean[None, :].astype(pre.dtype)], axis=0)
     if offset is not None and rp.const_response is not None:
-        pre = pre + rp.const_response[:, None] * offset[None, :]
+        correction = rp.const_response[:, None] * offset[None, :]
+        if np.result_type(pre, correction) == pre.dtype:
+            pre += correction  # pre is always a new array here (never the input)
+        else:
+            pre = pre + correction
     return np.asarray(pre, dtype=out_dtype)
 
 
@@ -387,18 +412,22 @@ def block_psc_stats(pre: np.ndarray, plan: CleanPlan) -> np.ndarray:
 
 
 def block_post(
-    pre: np.ndarray, plan: CleanPlan, totals: np.ndarray | None = None
+    pre: np.ndarray, plan: CleanPlan, totals: np.ndarray | None = None, *,
+    inplace: bool = False,
 ) -> tuple[np.ndarray, list[bool]]:
     """Standardise the output of :func:`block_pre`.
 
     Parameters
     ----------
     pre : numpy.ndarray
-        Output of :func:`block_pre` (not modified).
+        Output of :func:`block_pre` (not modified unless ``inplace``).
     plan : CleanPlan
         The plan.
     totals : numpy.ndarray or None
         ``(2 * n_runs,)`` sums of :func:`block_psc_stats` over *all* blocks (``psc`` only).
+    inplace : bool, default=False
+        ``pre`` is a temporary of the caller: ``zscore_sample`` may divide it in place (the
+        same numbers, one block-sized array less).
 
     Returns
     -------
@@ -411,7 +440,7 @@ def block_post(
     zero_mean = []
     for i, (rp, run, mean) in enumerate(_split_runs(pre, plan)):
         run_totals = None if totals is None else totals[2 * i : 2 * i + 2]
-        y, flagged = _standardize(run, mean, rp, run_totals)
+        y, flagged = _standardize(run, mean, rp, run_totals, inplace=inplace)
         parts.append(y)
         zero_mean.append(flagged)
     out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
@@ -419,7 +448,8 @@ def block_post(
 
 
 def _standardize(
-    run: np.ndarray, mean: np.ndarray | None, rp: RunPlan, totals: np.ndarray | None
+    run: np.ndarray, mean: np.ndarray | None, rp: RunPlan, totals: np.ndarray | None,
+    inplace: bool = False,
 ) -> tuple[np.ndarray, bool]:
     if rp.standardize is None:
         return run, False
@@ -430,16 +460,25 @@ def _standardize(
         # var = (sum y^2 - n mean(y)^2) / (n - 1), mean(y) being ~0 (rounding errors), so
         # no cancellation; a constant y gives exactly 0 as in numpy.
         n = rp.n_out
-        y = run if rp.centered else run - run.mean(axis=0)
+        # in place only on C-ordered blocks: the sums below run in memory order, and
+        # run - mean of a strided run (the filter's output) is laid out differently
+        inplace = inplace and run.flags.c_contiguous
+        if rp.centered:
+            y = run
+        elif inplace:
+            y = run
+            y -= run.mean(axis=0)  # the same numbers as run - run.mean(axis=0)
+        else:
+            y = run - run.mean(axis=0)
         y_mean = y.mean(axis=0)
         ddof = 1 if rp.standardize == "zscore_sample" else 0
         sum_sq = np.einsum("ij,ij->j", y, y, dtype=np.float64)  # float64 sums for float32
         var = (sum_sq - n * y_mean.astype(np.float64) ** 2) / (n - ddof)
         std = np.sqrt(np.maximum(var, 0)).astype(y.dtype)
         std[std < _EPS64] = 1.0
-        if rp.centered:
+        if rp.centered and not inplace:
             return y / std, False
-        y /= std
+        y /= std  # a new array (run - mean) or, with inplace, the caller's temporary
         return y, False
     # psc: nilearn adds the original mean back when the cleaned means are small compared
     # with the original ones, on average over all features (hence the global totals)
@@ -477,7 +516,7 @@ def block_clean(block: np.ndarray, plan: CleanPlan) -> tuple[np.ndarray, list[bo
     zero_mean : list of bool
         See :func:`block_post`.
     """
-    return block_post(block_pre(block, plan), plan)
+    return block_post(block_pre(block, plan), plan, inplace=True)  # block_pre's output is new
 
 
 # ------------------------------------------------------------------------------ dask tasks

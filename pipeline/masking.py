@@ -14,7 +14,6 @@ from itertools import pairwise, product
 
 import dask
 import dask.array as da
-import nibabel as nib
 import numpy as np
 import xarray as xr
 
@@ -55,6 +54,7 @@ def compute_epi_mask(bold: xr.Dataset | xr.DataArray, *, lower_cutoff: float = 0
     xarray.DataArray
         Boolean ``(x, y, z)`` mask with the run's affine.
     """
+    import nibabel as nib
     from nilearn.masking import compute_epi_mask as _nilearn_epi
 
     mean = mean_image(bold)
@@ -73,6 +73,7 @@ def intersect_masks(masks: Sequence[xr.DataArray | np.ndarray], *, threshold: fl
 
     ``threshold=1`` is the intersection, ``0`` the union.
     """
+    import nibabel as nib
     from nilearn.masking import intersect_masks as _nilearn_intersect
 
     if not masks:

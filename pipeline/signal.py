@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import warnings
 from typing import Any, Literal
 
@@ -47,20 +48,37 @@ import dask.array as da
 # 0.11.1, 0.12.1, 0.13.1 and 0.14.1 (checked), except `_check_filter_parameters`, which returns
 # the filter type in <= 0.13 and a tuple starting with it in >= 0.14 (handled below). The
 # numerical semantics reproduced (and tested) are those of nilearn 0.14.
-import nilearn
-import nilearn.signal as _nls
+# `nilearn.signal` (which imports scikit-learn) and `scipy.signal` are imported on first use, by
+# the planning code of `clean_signals`, so that importing this module stays light.
 import numpy as np
 from scipy import linalg
-from scipy import signal as sp_signal
 
 from . import _kernels
 from ._kernels import CleanPlan, RunPlan
 
 __all__ = ["clean_signals"]
 
-# nilearn < 0.14 maps standardize=True to "zscore" (population std), >= 0.14 to "zscore_sample"
-_NILEARN_VERSION = tuple(int(p) for p in nilearn.__version__.split(".")[:2] if p.isdigit())
-_STANDARDIZE_TRUE = "zscore_sample" if _NILEARN_VERSION >= (0, 14) else "zscore"
+
+class _OnFirstUse:
+    """A module imported when one of its attributes is first read."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+_nls: Any = _OnFirstUse("nilearn.signal")
+
+
+def _standardize_true() -> str:
+    """nilearn < 0.14 maps standardize=True to "zscore" (population std), >= 0.14 to
+    "zscore_sample"."""
+    import nilearn
+
+    version = tuple(int(p) for p in nilearn.__version__.split(".")[:2] if p.isdigit())
+    return "zscore_sample" if version >= (0, 14) else "zscore"
 
 #: Evaluation of the linear part: "auto" (cost model), "operator" or "stepwise" (for tests).
 _METHOD: Literal["auto", "operator", "stepwise"] = "auto"
@@ -320,7 +338,7 @@ def _build_plan(
     )
     standardize = p["standardize"]
     if isinstance(standardize, bool):
-        standardize = _STANDARDIZE_TRUE if standardize else None
+        standardize = _standardize_true() if standardize else None
     detrend = p["detrend"]
     out_dtype = work_dtype
     if detrend and work_dtype not in (np.float32, np.float64):
@@ -392,6 +410,8 @@ def _butterworth_sos(
         wn: Any = critical_freq
     else:
         wn = critical_freq[0]
+    from scipy import signal as sp_signal
+
     return sp_signal.butter(N=order, Wn=wn, btype=btype, output="sos", fs=sampling_rate)
 
 

@@ -69,6 +69,10 @@ from sklearn.decomposition import fastica
 from sklearn.utils import check_random_state
 from threadpoolctl import threadpool_limits
 
+from ._blocks import VN_FLOOR
+from ._blocks import block_cross as _block_cross
+from ._blocks import block_gram as _block_gram
+from ._blocks import vn_block as _vn_block
 from .pca import _sign_flip as _flip_rows  # each row's largest-magnitude entry positive
 
 __all__ = ["MIGP", "GroupICA"]
@@ -80,7 +84,7 @@ _MIN_BLOCK = 256
 #: Components removed before estimating the noise std (robust variance normalisation).
 _VN_COMPONENTS = 30
 #: Floor of the per-voxel noise std (Smith et al. 2014; HCP ``variance_normalise``).
-_VN_FLOOR = 1e-3
+_VN_FLOOR = VN_FLOOR
 #: ``n_voxels x k`` elements below which the in-memory FastICA runs on one BLAS thread.
 _SINGLE_THREAD_SIZE = 2**22
 
@@ -243,6 +247,13 @@ class _Scratch:
         it = iter(values)
         return x, [None if o is None else np.asarray(next(it)) for o in others]
 
+    def reopen(self, name: str, chunks: tuple[int, int]) -> da.Array | None:
+        """A lazy reader of the stored array ``name`` with other dask chunks (None in
+        ``"memory"`` mode)."""
+        if self.group is None:
+            return None
+        return da.from_zarr(self.group[name], chunks=chunks)
+
     def drop(self, name: str) -> None:
         if self.group is not None and name in self.group:
             del self.group[name]
@@ -266,10 +277,6 @@ class _Scratch:
 # ------------------------------------------------------------------------------------------
 # small linear algebra over voxel blocks
 # ------------------------------------------------------------------------------------------
-def _block_gram(block: np.ndarray) -> np.ndarray:
-    return (block @ block.T)[:, :, None]
-
-
 def _gram_lazy(x: da.Array) -> da.Array:
     """``x @ x.T`` (rows x rows) summed over voxel blocks, lazily.
 
@@ -287,10 +294,6 @@ def _gram_lazy(x: da.Array) -> da.Array:
 def _gram(x: da.Array) -> np.ndarray:
     """``x @ x.T`` (rows x rows) summed over voxel blocks: one bounded compute."""
     return np.asarray(_gram_lazy(x).compute())
-
-
-def _block_cross(w_block: np.ndarray, y_block: np.ndarray) -> np.ndarray:
-    return np.concatenate([w_block @ y_block.T, y_block @ y_block.T])[:, :, None]
 
 
 def _cross_gram_lazy(w: da.Array, y: da.Array) -> da.Array:
@@ -327,16 +330,6 @@ def _project(basis_t: np.ndarray, x: da.Array) -> da.Array:
     """
     x = x.rechunk({0: -1})
     return da.from_array(np.asarray(basis_t, dtype=np.float64), chunks=-1) @ x
-
-
-def _vn_block(block: np.ndarray, u: np.ndarray | None = None) -> np.ndarray:
-    """Demean one ``(time, voxel)`` block and, with ``u``, divide by the robust noise std."""
-    y = block - block.mean(axis=0)
-    if u is None:
-        return y
-    resid = y - u @ (u.T @ y)
-    std = np.sqrt((resid**2).sum(axis=0) / max(y.shape[0] - 1, 1))
-    return y / np.maximum(std, _VN_FLOOR)
 
 
 def _vn_gram_lazy(x: da.Array, variance_normalize: bool) -> da.Array | None:
@@ -637,9 +630,19 @@ def _canica_reduce(subjects: Iterable[SubjectLike], k: int, *, do_cca: bool,
         s += 1
     if voxels is None:
         raise ValueError("no subject given")
+    n_rows = sum(p.shape[0] for p in parts)
+    stacked_block = _block_size(block_size, n_rows, voxels.n_voxels)
+    if stacked_block != block:
+        # read each subject's rows back in the stack's column blocks: a task then reads the
+        # stored chunks it needs itself, instead of a rechunk of the subjects' (wider) blocks,
+        # whose pieces, shared by several column blocks of the stack, the scheduler keeps in
+        # memory meanwhile (a band of every subject's rows: memory growing with subjects)
+        reopened = [scratch.reopen(f"pca{i}", (p.shape[0], stacked_block))
+                    for i, p in enumerate(parts)]
+        parts = [p if r is None else r for p, r in zip(parts, reopened, strict=True)]
     stacked = da.concatenate(parts, axis=0)
     # one task per column block of the whole stack (blocks used once per pass), of bounded size
-    stacked = stacked.rechunk((-1, _block_size(block_size, stacked.shape[0], voxels.n_voxels)))
+    stacked = stacked.rechunk((-1, stacked_block))
     if stacked.shape[0] < k:
         raise ValueError(f"n_components={k} exceeds the {stacked.shape[0]} stacked subject "
                          "components")

@@ -84,6 +84,10 @@ from dask.base import tokenize
 from dask.graph_manipulation import bind
 from sklearn.base import BaseEstimator
 
+from ._blocks import orthonormal as _orthonormal
+from ._blocks import prepare_block as _prepare_block
+from ._blocks import voxel_scale as _voxel_scale
+
 __all__ = ["SubjectPCA", "dimension_scores", "estimate_dimension"]
 
 DimensionMethod = Literal["laplace", "bic", "mdl", "aic"]
@@ -267,22 +271,7 @@ def estimate_dimension(eigenvalues: Sequence[float] | np.ndarray, n_samples: flo
 # ----------------------------------------------------------------------------------------
 # blockwise kernels
 # ----------------------------------------------------------------------------------------
-def _voxel_scale(block: np.ndarray) -> np.ndarray:
-    sd = np.std(block, axis=0, ddof=1) if block.shape[0] > 1 else np.ones(block.shape[1])
-    return np.where(sd > 0, sd, 1.0)
-
-
-def _prepare_block(block: np.ndarray, demean: bool, normalize: bool) -> np.ndarray:
-    out = np.asarray(block, dtype=np.float64)
-    if demean:
-        out = out - out.mean(axis=0)
-    if normalize:
-        out = out / _voxel_scale(np.asarray(block, dtype=np.float64))
-    return out
-
-
-def _orthonormal(y: np.ndarray) -> np.ndarray:
-    return np.linalg.qr(y)[0]
+# _voxel_scale, _prepare_block, _orthonormal: see ._blocks (the workers import only that)
 
 
 def _sign_flip(vt: np.ndarray) -> np.ndarray:

@@ -15,14 +15,26 @@
    simulated dataset (default 20x24x20 x 100 volumes): wall time per subject (linear in
    subjects?) and peak worker / client RSS (constant?).
 
-Cleaning, both sides: linear detrend, Butterworth high-pass at 0.01 Hz and ``zscore_sample``
-standardisation per voxel (TR 2 s), no confounds, no smoothing (nilearn
-``smoothing_fwhm=None``), the same group mask (intersection of the runs' brain masks) and
-the same ``n_components`` and seeds.
+Part 1 takes several subject counts (``--subjects 16,64``): one dataset of the largest
+count is simulated, and each row uses its first N subjects (the store is ingested
+incrementally: the runs of the first 16, then the next 48...; a row's ingest time is the sum
+of the ingests of its N runs). The workers preload the modules their tasks import
+(``pipeline._kernels``, ``pipeline.masking``, ``pipeline.decomposition._blocks``, xarray,
+zarr; scipy.signal when filtering) before the idle RSS is read, and report which of
+nilearn, scikit-learn, pandas and matplotlib they hold after the fit.
+
+Cleaning, both sides (``--clean``): ``filter`` (default) is a linear detrend, a Butterworth
+high-pass at 0.01 Hz and ``zscore_sample`` standardisation per voxel (TR 2 s);
+``detrend-zscore`` the same without the filter (nilearn's Butterworth filter loops over
+voxels: ~66 s per subject of 61x73x61 x 200 volumes). No confounds, no smoothing (nilearn
+``smoothing_fwhm=None``), the same group mask (intersection of the runs' brain masks of the
+row's subjects) and the same ``n_components`` and seeds.
 
 Run (not part of the test suite; the machine's load average is printed with each row)::
 
     python tests/benchmarks/bench_group_ica.py
+    python tests/benchmarks/bench_group_ica.py --parts 1 --subjects 16,64 --shape 61,73,61 \
+        --voxel-size 3 --clean detrend-zscore --block-bytes 16MiB
     python tests/benchmarks/bench_group_ica.py --parts 2 --sizes 16,64,256
 
 Prints Markdown for RESULTS.md.
@@ -50,8 +62,19 @@ import psutil
 from _common import Sampler, machine_lines, measured
 
 MB = 1e6
-CLEAN: dict[str, Any] = {"detrend": True, "standardize": "zscore_sample", "high_pass": 0.01,
-                         "t_r": 2.0}
+#: cleaning presets (--clean), the same keywords for nilearn's CanICA and clean_signals
+CLEANINGS: dict[str, dict[str, Any]] = {
+    "filter": {"detrend": True, "standardize": "zscore_sample", "high_pass": 0.01,
+               "t_r": 2.0},
+    "detrend-zscore": {"detrend": True, "standardize": "zscore_sample", "t_r": 2.0},
+}
+CLEAN_TEXT = {
+    "filter": "detrend + Butterworth high-pass 0.01 Hz + zscore_sample per voxel",
+    "detrend-zscore": "detrend + zscore_sample per voxel, no filter",
+}
+CLEAN: dict[str, Any] = dict(CLEANINGS["filter"])  # set by main() from --clean
+#: modules whose presence on the workers after a fit is reported
+HEAVY = ("nilearn", "sklearn", "pandas", "matplotlib")
 
 
 # ------------------------------------------------------------------------- data
@@ -107,6 +130,19 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _heavy_modules() -> list[str]:
+    # run on the workers (client.run): which of HEAVY this process has imported
+    return [m for m in ("nilearn", "sklearn", "pandas", "matplotlib") if m in sys.modules]
+
+
+def worker_modules() -> tuple[str, ...]:
+    """Modules the GroupICA tasks import on a worker (preloaded before the idle RSS)."""
+    mods = ("pipeline._kernels", "pipeline.masking", "pipeline.decomposition._blocks",
+            "xarray", "zarr")
+    return (*mods, "scipy.signal") if CLEAN.get("high_pass") or CLEAN.get("low_pass") \
+        else mods
+
+
 @contextlib.contextmanager
 def cluster(n_workers: int, memory_limit: str) -> Iterator[tuple[Any, list[int]]]:
     """A fresh ``LocalCluster`` of single-threaded worker processes, modules imported.
@@ -118,12 +154,11 @@ def cluster(n_workers: int, memory_limit: str) -> Iterator[tuple[Any, list[int]]
     """
     from distributed import Client, LocalCluster
 
+    mods = worker_modules()
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                       memory_limit=memory_limit, dashboard_address=":0") as lc, \
             Client(lc) as client:
-        client.run(lambda: [__import__(m) for m in (
-            "storage", "pipeline.signal", "pipeline.masking", "pipeline.decomposition.group",
-            "zarr", "sklearn.decomposition")])
+        client.run(lambda: [__import__(m) for m in mods])
         yield client, list(client.run(os.getpid).values())
 
 
@@ -140,9 +175,7 @@ def nilearn_child(spec_path: str) -> None:
     imports = time.perf_counter() - t_imp
     warnings.simplefilter("ignore")
     ica = CanICA(mask=spec["mask"], n_components=spec["k"], smoothing_fwhm=None,
-                 n_init=spec["n_init"], random_state=0, threshold="auto",
-                 standardize="zscore_sample", detrend=True, high_pass=CLEAN["high_pass"],
-                 t_r=CLEAN["t_r"])
+                 n_init=spec["n_init"], random_state=0, threshold="auto", **spec["clean"])
     c0 = _proc_cpu()
     t0 = time.perf_counter()
     ica.fit(spec["files"])
@@ -164,7 +197,7 @@ def run_nilearn(files: list[str], mask: Path, k: int, n_init: int, tmp: Path
     out = tmp / "nilearn_components.npy"
     spec = tmp / "nilearn_spec.json"
     spec.write_text(json.dumps({"files": files, "mask": str(mask), "k": k, "n_init": n_init,
-                                "out": str(out)}))
+                                "out": str(out), "clean": CLEAN}))
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--nilearn-child", str(spec)])
     sampler = Sampler([proc.pid])
@@ -183,13 +216,17 @@ def run_nilearn(files: list[str], mask: Path, k: int, n_init: int, tmp: Path
 # ------------------------------------------------------------------------- boldflow
 
 
-def ingest(root: Path, store: Path, n_workers: int, memory_limit: str) -> dict:
-    """``storage.ingest`` of every run on a fresh cluster, measured."""
+def ingest(root: Path, store: Path, n_workers: int, memory_limit: str,
+           subjects: list[str] | None = None, chunk_bytes: str | None = None) -> dict:
+    """``storage.ingest`` of every run (or of these subjects' runs) on a fresh cluster,
+    measured; runs already in the store are skipped (``rec["ingested"]`` counts the new)."""
     import storage
 
     with cluster(n_workers, memory_limit) as (client, pids), measured(client, pids) as rec:
-        cat = storage.ingest(root, store, client=client)
+        options = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
+        cat = storage.ingest(root, store, client=client, subjects=subjects, **options)
     assert (cat["status"] == "complete").all(), cat["error"].tolist()
+    rec["ingested"] = int((cat["action"] == "ingested").sum())
     return rec
 
 
@@ -228,9 +265,12 @@ def fit_boldflow(method: str, store: Path, subs: list[str], mask: Any, k: int, n
     """``GroupICA(k, method=method)`` on a fresh cluster (graph building included)."""
     from pipeline.decomposition.group import GroupICA
 
-    with cluster(n_workers, memory_limit) as (client, pids), measured(client, pids) as rec:
-        ica = GroupICA(k, method=method, n_init=n_init, random_state=0)
-        ica.fit(subjects(store, subs, mask, block_bytes))
+    with cluster(n_workers, memory_limit) as (client, pids):
+        with measured(client, pids) as rec:
+            ica = GroupICA(k, method=method, n_init=n_init, random_state=0)
+            ica.fit(subjects(store, subs, mask, block_bytes))
+        rec["heavy"] = sorted({m for mods in client.run(_heavy_modules).values()
+                               for m in mods})
     return rec, ica
 
 
@@ -280,15 +320,44 @@ def _mb(x: float) -> str:
 
 
 def part1(args: argparse.Namespace, tmp: Path, say: Any) -> None:
-    """boldflow GroupICA (MIGP, CanICA) vs nilearn CanICA on the same subjects."""
+    """boldflow GroupICA (MIGP, CanICA) vs nilearn CanICA, for each subject count."""
+    counts = sorted({int(n) for n in str(args.subjects).split(",")})
+    shape = tuple(int(s) for s in args.shape.split(","))
+    root = make_data(args.data, max(counts), shape, args.voxel_size, args.volumes)
+    bold_all = find_bold(root)
+    store = tmp / "p1.zarr"
+    ing_wall = ing_cpu = 0.0
+    ing_rss: list[float] = []
+    summary = []
+    for n in counts:
+        subs = list(bold_all)[:n]
+        ing = ingest(root, store, args.workers, args.memory_limit, subjects=subs,
+                     chunk_bytes=args.ingest_chunk_bytes)
+        ing_wall += ing["wall"]
+        ing_cpu += ing["cpu_workers"]
+        ing_rss.append(max(ing["rss_workers"]))
+        ing_total = {"wall": ing_wall, "cpu_workers": ing_cpu, "rss_workers": ing_rss,
+                     "load": ing["load"], "new": ing["ingested"]}
+        summary.append(part1_row(args, tmp, say, root, store, shape,
+                                 {s: bold_all[s] for s in subs}, ing_total))
+    if len(counts) > 1:
+        say(f"\n#### Summary: peak memory vs subjects ({CLEAN_TEXT[args.clean]}, "
+            f"block_bytes={args.block_bytes})\n")
+        say("| subjects | nilearn CanICA peak MB (above its imports) | fit wall s nilearn / "
+            "migp / canica | worst worker MB, migp (above idle) | worst worker MB, canica "
+            "(above idle) | nilearn / worker, absolute: migp / canica | same, above idle: "
+            "migp / canica | >= 4x? absolute / above idle (migp; canica) |")
+        say("|---|---|---|---|---|---|---|---|")
+        for row in summary:
+            say(row)
+
+
+def part1_row(args: argparse.Namespace, tmp: Path, say: Any, root: Path, store: Path,
+              shape: tuple[int, ...], bold: dict[str, str], ing: dict) -> str:
+    """One subject count of part 1: the section's lines; returns its summary-table row."""
     from pipeline.simulate import load_truth
 
-    shape = tuple(int(s) for s in args.shape.split(","))
-    root = make_data(args.data, args.subjects, shape, args.voxel_size, args.volumes)
-    bold = find_bold(root)
     subs = list(bold)
-    store = tmp / "p1.zarr"
-    ing = ingest(root, store, args.workers, args.memory_limit)
     mask_path = tmp / "group_mask.nii.gz"
     mask = group_mask(store, subs, mask_path)
     n_vox = int(mask.values.sum())
@@ -305,14 +374,13 @@ def part1(args: argparse.Namespace, tmp: Path, say: Any) -> None:
     order = np.lexsort(ijk.T[::-1])  # nilearn's maps: C order of the mask grid
     truth = truth_all[(slice(None), *ijk[order].T)]
 
-    say(f"\n### 1. Group ICA, {len(subs)} subjects: boldflow vs nilearn CanICA\n")
+    say(f"\n#### 1. Group ICA, {len(subs)} subjects: boldflow vs nilearn CanICA\n")
     say(f"- data: {len(subs)} simulated subjects, {'x'.join(map(str, shape))} at "
         f"{args.voxel_size:g} mm x {args.volumes} volumes, float32 ({n_bytes / MB:.0f} MB "
         f"of BOLD uncompressed in all), TR 2 s; group mask (intersection of the brain masks)"
         f" {n_vox} voxels; {truth.shape[0]} simulated networks")
     say(f"- both sides: n_components={args.components}, n_init={args.n_init} (CanICA), "
-        "random_state=0, cleaning = detrend + Butterworth high-pass 0.01 Hz + zscore_sample "
-        "per voxel (no confounds, no smoothing)")
+        f"random_state=0, cleaning = {CLEAN_TEXT[args.clean]} (no confounds, no smoothing)")
     say(f"- nilearn: CanICA(mask=group mask, smoothing_fwhm=None, threshold='auto') on the "
         f".nii.gz files, in a fresh Python process (its `fit` timed inside it; imports took "
         f"{nl['imports']:.1f} s and {_mb(nl['rss_imported'])} MB RSS before the fit; whole "
@@ -321,9 +389,16 @@ def part1(args: argparse.Namespace, tmp: Path, say: Any) -> None:
         f"clean_signals, built in the client; open_run block_bytes={args.block_bytes}), "
         f"LocalCluster({args.workers} worker processes "
         f"x 1 thread, memory_limit={args.memory_limit}), a fresh cluster per row; ingest "
-        f"({len(subs)} runs, default options) on its own cluster: {ing['wall']:.1f} s wall, "
+        f"({len(subs)} runs, "
+        + ("default options" if args.ingest_chunk_bytes is None
+           else f"chunk_bytes={args.ingest_chunk_bytes}")
+        + f", {ing['new']} of them in this row's ingest, the "
+        f"others by the previous rows') on its own cluster: {ing['wall']:.1f} s wall, "
         f"{ing['cpu_workers']:.1f} worker CPU s, peak worker RSS "
         f"{_mb(max(ing['rss_workers']))} MB, load {ing['load']:.1f}")
+    say(f"- workers preload {', '.join(worker_modules())} before the idle RSS is read; "
+        "imported by the workers after the fit, of " + ", ".join(HEAVY) + ": " + "; ".join(
+            f"{m} {', '.join(rec['heavy']) or 'none'}" for m, (rec, _) in fits.items()))
     say("")
     say("| implementation | fit wall s | + ingest = total s | CPU s (workers + client) | "
         "peak RSS per worker MB (idle before) | peak client RSS MB (before) | "
@@ -372,6 +447,23 @@ def part1(args: argparse.Namespace, tmp: Path, say: Any) -> None:
             f"{' '.join(f'{v:.3f}' for v in agree)} | {rec_t.min():.3f} / "
             f"{np.median(rec_t):.3f} |")
 
+    nl_above = nl["rss"] - nl["rss_imported"]
+    cells = {}
+    for method, (rec, _) in fits.items():
+        worst = max(rec["rss_workers"])
+        above = worst - max(rec["rss_workers_before"])
+        cells[method] = (worst, above, nl["rss"] / worst, nl_above / max(above, 1))
+    mg, cn = cells["migp"], cells["canica"]
+
+    def ok(x: float) -> str:
+        return "yes" if x >= 4 else "no"
+
+    return (f"| {len(subs)} | {_mb(nl['rss'])} ({_mb(nl_above)}) | {nl['wall_fit']:.0f} / "
+            f"{fits['migp'][0]['wall']:.0f} / {fits['canica'][0]['wall']:.0f} | "
+            f"{_mb(mg[0])} ({_mb(mg[1])}) | {_mb(cn[0])} ({_mb(cn[1])}) | "
+            f"{mg[2]:.1f}x / {cn[2]:.1f}x | {mg[3]:.1f}x / {cn[3]:.1f}x | "
+            f"{ok(mg[2])} / {ok(mg[3])}; {ok(cn[2])} / {ok(cn[3])} |")
+
 
 def part2(args: argparse.Namespace, tmp: Path, say: Any) -> None:
     """MIGP time and memory as the number of subjects grows."""
@@ -410,7 +502,10 @@ def main() -> None:
     """Parse the options, run the parts, print Markdown."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="1,2", help="comma-separated: 1 and/or 2")
-    ap.add_argument("--subjects", type=int, default=16, help="part 1 subjects")
+    ap.add_argument("--subjects", default="16",
+                    help="part 1 numbers of subjects, comma-separated (e.g. 16,64)")
+    ap.add_argument("--clean", choices=sorted(CLEANINGS), default="filter",
+                    help="cleaning of both sides (part 1; part 2 uses it too)")
     ap.add_argument("--shape", default="40,48,40", help="part 1 grid")
     ap.add_argument("--voxel-size", type=float, default=4.0, help="part 1 voxel size (mm)")
     ap.add_argument("--volumes", type=int, default=200, help="part 1 volumes per run")
@@ -422,6 +517,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--block-bytes", default="32MiB",
                     help="open_run block_bytes of the subjects' data (part 1)")
+    ap.add_argument("--ingest-chunk-bytes", default=None,
+                    help="part 1: storage.ingest chunk_bytes (default: its default, 32MiB); "
+                         "blocks of --block-bytes smaller than a Zarr chunk decode whole chunks")
     ap.add_argument("--memory-limit", default="4GiB")
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "bf-bench-data")
     ap.add_argument("--nilearn-child", help=argparse.SUPPRESS)
@@ -430,6 +528,8 @@ def main() -> None:
         nilearn_child(args.nilearn_child)
         return
     parts = {int(p) for p in args.parts.split(",")}
+    CLEAN.clear()
+    CLEAN.update(CLEANINGS[args.clean])
     warnings.simplefilter("ignore")  # nilearn's and dask's notes
     t_start = time.perf_counter()
 
