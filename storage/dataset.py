@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Any
@@ -20,6 +21,8 @@ __all__ = ["BoldStore", "open_run", "open_store", "world_coordinates"]
 
 _ENTITY_ARGS = {"subject": "sub", "session": "ses", "task": "task", "run": "run",
                 "space": "space", "acq": "acq"}
+
+log = logging.getLogger(__name__)
 
 
 class BoldStore:
@@ -129,6 +132,11 @@ def time_blocks(bold: xr.DataArray, block_bytes: int | str = "128MiB") -> dict[s
 
     Each stored spatial chunk is split into equal parts (halving its largest side) until
     one part times all volumes fits; the split parts never straddle stored chunks.
+
+    A split costs reads: every part decodes the whole stored chunk(s) it lies in, so N
+    parts read the stored bytes N times. For a memory budget below the stored chunks,
+    ingest with a smaller ``chunk_bytes`` (about ``block_bytes / 2`` for float32 data read
+    as float64) rather than lowering ``block_bytes`` alone.
     """
     budget = parse_bytes(block_bytes)
     nt = bold.sizes["time"]
@@ -138,6 +146,11 @@ def time_blocks(bold: xr.DataArray, block_bytes: int | str = "128MiB") -> dict[s
     while np.prod(list(spatial.values())) * nt * 8 > budget and max(spatial.values()) > 1:
         d = max(spatial, key=spatial.get)
         spatial[d] = -(-spatial[d] // 2)
+    parts = int(np.prod([-(-int(stored[dims.index(d)]) // spatial[d]) for d in spatial]))
+    if parts > 1:
+        log.info("block_bytes=%s splits each stored chunk into %d parts: each stored chunk "
+                 "is decoded %d times (ingest with a smaller chunk_bytes to avoid it)",
+                 block_bytes, parts, parts)
     out: dict[str, Any] = {"time": -1}
     for d, size in spatial.items():
         n_stored = int(stored[dims.index(d)])
