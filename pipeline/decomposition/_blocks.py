@@ -13,6 +13,8 @@ for number).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 #: Floor of the per-voxel noise std (Smith et al. 2014; HCP ``variance_normalise``).
@@ -30,28 +32,24 @@ def block_cross(w_block: np.ndarray, y_block: np.ndarray) -> np.ndarray:
     return np.concatenate([w_block @ y_block.T, y_block @ y_block.T])[:, :, None]
 
 
-def vn_block(block: np.ndarray, u: np.ndarray | None = None) -> np.ndarray:
-    """Demean one ``(time, voxel)`` block and, with ``u``, divide by the robust noise std.
+def demean_block(block: np.ndarray) -> np.ndarray:
+    """One ``(time, voxel)`` block minus each voxel's temporal mean (a new array)."""
+    return block - block.mean(axis=0)
 
-    The noise std of a voxel is the std (ddof=1) of its demeaned series after removing its
+
+def vn_scale_block(y: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """A demeaned ``(time, voxel)`` block divided by each voxel's robust noise std.
+
+    The noise std of a voxel is the std (ddof=1) of its series after removing its
     projection on the columns of ``u`` (``(time, n)``, orthonormal), floored at
-    :data:`VN_FLOOR`. Two block-sized temporaries besides the input and the output
-    (the residual is formed and squared in place, the division is in place).
+    :data:`VN_FLOOR`. With orthonormal ``u`` the residual's sum of squares is
+    ``|y|^2 - |u^T y|^2``: no block-sized residual is formed (the result differs from
+    forming it by rounding only).
     """
-    y = block - block.mean(axis=0)
-    if u is None:
-        return y
-    if not y.flags.c_contiguous:  # keep the memory order (hence the sums) of y - u u^T y
-        resid = y - u @ (u.T @ y)
-        std = np.sqrt((resid**2).sum(axis=0) / max(y.shape[0] - 1, 1))
-        return y / np.maximum(std, VN_FLOOR)
-    resid = u @ (u.T @ y)
-    np.subtract(y, resid, out=resid)
-    np.square(resid, out=resid)
-    std = np.sqrt(resid.sum(axis=0) / max(y.shape[0] - 1, 1))
-    del resid
-    y /= np.maximum(std, VN_FLOOR)
-    return y
+    p = u.T @ y
+    ss = np.einsum("ij,ij->j", y, y) - np.einsum("ij,ij->j", p, p)
+    std = np.sqrt(np.clip(ss, 0.0, None) / max(y.shape[0] - 1, 1))
+    return y / np.maximum(std, VN_FLOOR)
 
 
 # ------------------------------------------------------------------------------ PCA
@@ -80,3 +78,21 @@ def prepare_block(block: np.ndarray, demean: bool, normalize: bool) -> np.ndarra
 def orthonormal(y: np.ndarray) -> np.ndarray:
     """Orthonormal basis (``Q`` of the reduced QR) of the columns of a small block."""
     return np.linalg.qr(y)[0]
+
+
+# ------------------------------------------------------------------------------ FastICA
+def cube(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FastICA's ``"cube"`` non-linearity: ``g(x) = x**3`` and the mean of ``g'(x)``.
+
+    The same function as scikit-learn's ``_cube``, computed with multiplications: NumPy's
+    ``x**3`` calls ``pow`` per element, which on whitened sources took ~25x longer than two
+    products (0.19 s vs 0.007 s for 20 x 72791 values; 10 CanICA restarts spent ~35 s in
+    it). Results differ from ``x**3`` by rounding only.
+    """
+    x2 = x * x
+    return x2 * x, (3 * x2).mean(axis=-1)
+
+
+def ica_fun(fun: str) -> Any:
+    """The ``fun`` to give scikit-learn's FastICA: :func:`cube` for ``"cube"``."""
+    return cube if fun == "cube" else fun

@@ -72,7 +72,9 @@ from threadpoolctl import threadpool_limits
 from ._blocks import VN_FLOOR
 from ._blocks import block_cross as _block_cross
 from ._blocks import block_gram as _block_gram
-from ._blocks import vn_block as _vn_block
+from ._blocks import demean_block as _demean_block
+from ._blocks import ica_fun as _ica_fun
+from ._blocks import vn_scale_block as _vn_scale_block
 from .pca import _sign_flip as _flip_rows  # each row's largest-magnitude entry positive
 
 __all__ = ["MIGP", "GroupICA"]
@@ -232,20 +234,40 @@ class _Scratch:
         (dask.array.Array, list)
             The lazy reader of ``x`` and the computed ``others`` (NumPy).
         """
-        x = x.rechunk((x.shape[0], block))
+        readers, values = self.put_many({name: x}, block, others)
+        return readers[name], values
+
+    def put_many(self, arrays: dict[str, da.Array | None], block: int,
+                 others: Sequence[da.Array | None] = ()
+                 ) -> tuple[dict[str, da.Array | None], list[Any]]:
+        """:meth:`put_with` for several arrays (a None array is skipped): one compute.
+
+        Returns
+        -------
+        (dict, list)
+            Lazy readers by name (None for a None array) and the computed ``others``.
+        """
         todo = [o for o in others if o is not None]
+        named = {n: x.rechunk((x.shape[0], block)) for n, x in arrays.items()
+                 if x is not None}
+        readers: dict[str, da.Array | None] = dict.fromkeys(arrays)
         if self.memory:
-            x, *todo = dask.persist(x, *todo)
+            *persisted, = dask.persist(*named.values())
+            readers.update(zip(named, persisted, strict=True))
             values = list(dask.compute(*todo))
         else:
-            z = self.group.create_array(name=name, shape=x.shape, dtype=x.dtype,
-                                        chunks=(x.shape[0], block), compressors=None,
-                                        fill_value=0.0, overwrite=True)
-            stored = da.store(x, z, lock=False, compute=False)
-            values = list(dask.compute(stored, *todo)[1:])
-            x = da.from_zarr(z, chunks=(x.shape[0], block))
+            stores, targets = [], []
+            for n, x in named.items():
+                z = self.group.create_array(name=n, shape=x.shape, dtype=x.dtype,
+                                            chunks=(x.shape[0], block), compressors=None,
+                                            fill_value=0.0, overwrite=True)
+                stores.append(da.store(x, z, lock=False, compute=False))
+                targets.append((n, z, x.shape[0]))
+            values = list(dask.compute(*stores, *todo)[len(stores):])
+            for n, z, rows in targets:
+                readers[n] = da.from_zarr(z, chunks=(rows, block))
         it = iter(values)
-        return x, [None if o is None else np.asarray(next(it)) for o in others]
+        return readers, [None if o is None else np.asarray(next(it)) for o in others]
 
     def reopen(self, name: str, chunks: tuple[int, int]) -> da.Array | None:
         """A lazy reader of the stored array ``name`` with other dask chunks (None in
@@ -332,33 +354,29 @@ def _project(basis_t: np.ndarray, x: da.Array) -> da.Array:
     return da.from_array(np.asarray(basis_t, dtype=np.float64), chunks=-1) @ x
 
 
-def _vn_gram_lazy(x: da.Array, variance_normalize: bool) -> da.Array | None:
-    """Lazy Gram matrix of the demeaned subject data (first pass of :func:`_normalise`), or
-    None when no variance normalisation is needed."""
+def _demeaned(x: da.Array, variance_normalize: bool) -> tuple[da.Array, da.Array | None]:
+    """Lazily demeaned subject data and, when variance normalisation is asked for, the
+    lazy Gram matrix of the demeaned data (from which :func:`_vn_apply` gets the top
+    temporal components)."""
+    d = x.map_blocks(_demean_block, dtype=np.float64)
     if not variance_normalize or min(_VN_COMPONENTS, x.shape[0] // 2) < 1:
-        return None
-    return _gram_lazy(x.map_blocks(_vn_block, u=None, dtype=np.float64))
+        return d, None
+    return d, _gram_lazy(d)
 
 
-def _vn_apply(x: da.Array, gram: np.ndarray | None) -> da.Array:
-    """Lazily demeaned (and, with the Gram matrix of :func:`_vn_gram_lazy`, robustly
-    variance-normalised) subject data."""
-    u = None
-    if gram is not None:
-        _, u = _top_eigh(gram, min(_VN_COMPONENTS, x.shape[0] // 2))
-    return x.map_blocks(_vn_block, u=u, dtype=np.float64)
-
-
-def _normalise(x: da.Array, variance_normalize: bool) -> da.Array:
-    """Demeaned (and robustly variance-normalised) subject data, lazily.
+def _vn_apply(d: da.Array, gram: np.ndarray | None) -> da.Array:
+    """Demeaned data ``d`` robustly variance-normalised, lazily (``d`` itself without a
+    Gram matrix).
 
     The noise std of each voxel is the std (ddof=1) of its residual after removing the top
     ``min(30, T // 2)`` temporal components of the demeaned data (eigenvectors of the
     ``T x T`` Gram matrix, computed over voxel blocks in one pass), floored at 0.001, as the
     variance normalisation of MIGP/MELODIC (Smith et al. 2014).
     """
-    gram = _vn_gram_lazy(x, variance_normalize)
-    return _vn_apply(x, None if gram is None else np.asarray(gram.compute()))
+    if gram is None:
+        return d
+    _, u = _top_eigh(gram, min(_VN_COMPONENTS, d.shape[0] // 2))
+    return d.map_blocks(_vn_scale_block, u=u, dtype=np.float64)
 
 
 def _blas_threads(size: int) -> threadpool_limits:
@@ -436,14 +454,15 @@ class MIGP(BaseEstimator):
     else of a final reduction (so that the last subjects count even when they did not
     trigger one; Smith et al. take the top rows of ``W`` as it is).
 
-    Each subject's data are read twice (the Gram matrix for the variance normalisation,
-    then the normalised data, written to ``workdir`` while the cross products
-    ``[W; Y_s] Y_s^T`` are summed: ``W W^T`` is known, ``diag`` of the eigenvalues after a
-    reduction); each reduction then reads ``W`` and the new rows once more to write
-    ``U^T [W; Y_s]``, in the same compute as the next subject's first pass. So two
-    scheduling rounds per subject, each returning a ``rows x rows`` matrix or writing
-    blocks: per-process memory is a few ``(d_internal + T, block_size)`` blocks, whatever
-    ``n_voxels`` and the number of subjects. The small eigendecompositions run in the
+    Each subject's data are read (and cleaned) once, in a pass that writes them to
+    ``workdir`` and computes the Gram matrix of the variance normalisation; a second pass
+    over that copy sums the cross products ``[W; Y_s] Y_s^T`` (``W W^T`` is known,
+    ``diag`` of the eigenvalues after a reduction); each reduction then reads ``W`` and the
+    copy once more to write ``U^T [W; Y_s]``, in the same compute as the next subject's
+    first pass. So two scheduling rounds per subject, each returning a ``rows x rows``
+    matrix or writing blocks: per-process memory is a few ``(d_internal + T, block_size)``
+    blocks, whatever ``n_voxels`` and the number of subjects. The small eigendecompositions
+    run in the
     calling process on one BLAS thread.
     """
 
@@ -501,8 +520,8 @@ class MIGP(BaseEstimator):
                 block = _block_size(self.block_size, d_int + t, n_vox)
             else:
                 voxels.check(template, n_vox, position)
-            x = x.rechunk((-1, block))
-            return position, x, _vn_gram_lazy(x, self.variance_normalize)
+            return (position,
+                    *_demeaned(x.rechunk((-1, block)), self.variance_normalize))
 
         w: da.Array | None = None
         w_gram: np.ndarray | None = None  # W W^T, known without another pass over W
@@ -513,43 +532,49 @@ class MIGP(BaseEstimator):
             current = prepare(next(subjects_iter, None))
             if current is None:
                 raise ValueError("no subject given")
-            vn_gram = None if current[2] is None else np.asarray(current[2].compute())
+            # Each subject's data are read (and cleaned) once: written to the scratch with,
+            # in the same pass, the Gram matrix of its variance normalisation; the passes
+            # that follow read the scratch copy.
+            position, x, first_pass = current
+            stored, (vn_gram,) = scratch.put_many({"x0": x}, block, [first_pass])
+            x_s = stored["x0"]
             step = 0
-            while current is not None:
-                # Per subject, two passes (computes): (1) normalise, write Y_s and get the
-                # cross products [W; Y_s] Y_s^T (W W^T is known); (2) when reducing, write
-                # W <- U^T [W; Y_s] and, in the same pass, the next subject's first pass
-                # (the Gram matrix of its variance normalisation).
-                position, x, _ = current
-                y = _vn_apply(x, vn_gram)
-                name = f"y{step}"
+            while True:
+                # Per subject, two more passes (computes): (1) the cross products
+                # [W; Y_s] Y_s^T (W W^T is known), Y_s the normalised scratch copy; (2) when
+                # reducing, W <- U^T [W; Y_s] written and, in the same pass, the next
+                # subject read, written to the scratch and its Gram matrix computed.
+                live.append(f"x{step}")
+                y = _vn_apply(x_s, vn_gram)
                 if w is None:
-                    y_s, (z_gram,) = scratch.put_with(name, y, block, [_gram_lazy(y)])
-                    z = y_s
+                    z_gram, z = np.asarray(_gram_lazy(y).compute()), y
                 else:
-                    y_s, (cross,) = scratch.put_with(name, y, block,
-                                                     [_cross_gram_lazy(w, y)])
+                    cross = np.asarray(_cross_gram_lazy(w, y).compute())
                     n_w = w.shape[0]
                     z_gram = np.block([[w_gram, cross[:n_w]], [cross[:n_w].T, cross[n_w:]]])
-                    z = da.concatenate([w, y_s], axis=0)
-                live.append(name)
+                    z = da.concatenate([w, y], axis=0)
                 upcoming = prepare(next(subjects_iter, None))
-                next_gram = None if upcoming is None else upcoming[2]
+                name_next = f"x{step + 1}"
+                new = {} if upcoming is None else {name_next: upcoming[1]}
+                others = [None if upcoming is None else upcoming[2]]
                 if z.shape[0] > d_int:
                     w_vals, vecs = _top_eigh(z_gram, d_int)
                     name = f"w{step}"
-                    w, (vn_gram,) = scratch.put_with(name, _project(vecs.T, z), block,
-                                                     [next_gram])
+                    stored, (vn_gram,) = scratch.put_many(
+                        {name: _project(vecs.T, z), **new}, block, others)
+                    w = stored[name]
                     w_gram = np.diag(w_vals)  # U^T Z Z^T U
                     for old in live:
                         scratch.drop(old)
                     live = [name]
                 else:
                     w, w_gram, w_vals = z, z_gram, None
-                    vn_gram = None if next_gram is None else np.asarray(next_gram.compute())
+                    stored, (vn_gram,) = scratch.put_many(new, block, others)
                 order.append(position)
                 rows_seen.append(int(w.shape[0]))
-                current = upcoming
+                if upcoming is None:
+                    break
+                position, x_s = upcoming[0], stored[name_next]
                 step += 1
             if w.shape[0] < k:
                 raise ValueError(f"n_components={k} exceeds the {w.shape[0]} rows of the "
@@ -607,14 +632,18 @@ def _canica_reduce(subjects: Iterable[SubjectLike], k: int, *, do_cca: bool,
 
     items = enumerate(subjects)
     first = next(items, None)
-    current = None if first is None else prepare(*first)
-    gram = None if current is None else np.asarray(current[1].compute())
+    if first is None:
+        raise ValueError("no subject given")
+    # each subject is read (and cleaned) once: written to the scratch with its Gram matrix
+    # in the same pass; its projection reads the scratch copy
+    stored, (gram,) = scratch.put_many({"x0": (first_x := prepare(*first))[0]}, block,
+                                       [first_x[1]])
+    x_s: da.Array | None = stored["x0"]
     s = 0
-    while current is not None:
-        x = current[0]
+    while x_s is not None:
         # nilearn: SVD of the cleaned data (not re-centred), keep min(k, T) rows U^T X = S V^T
-        vals, vecs = _top_eigh(gram, min(k, x.shape[0]))
-        rows = _project(vecs.T, x)
+        vals, vecs = _top_eigh(gram, min(k, x_s.shape[0]))
+        rows = _project(vecs.T, x_s)
         norms = np.ones(rows.shape[0])
         if do_cca:  # each row divided by its L2 norm (= its singular value)
             norms = np.sqrt(np.clip(vals, 0, None))
@@ -622,14 +651,18 @@ def _canica_reduce(subjects: Iterable[SubjectLike], k: int, *, do_cca: bool,
             rows = rows / norms[:, None]
         row_norms.append(norms)
         upcoming = next(items, None)
-        current = None if upcoming is None else prepare(*upcoming)
-        # write this subject's rows and, in the same pass, the next subject's Gram matrix
-        stored, (gram,) = scratch.put_with(f"pca{s}", rows, block,
-                                           [None if current is None else current[1]])
-        parts.append(stored)
+        new: dict[str, da.Array | None] = {}
+        others: list[da.Array | None] = [None]
+        if upcoming is not None:
+            x_next, gram_next = prepare(*upcoming)
+            new, others = {f"x{s + 1}": x_next}, [gram_next]
+        # write this subject's rows and, in the same pass, the next subject's scratch copy
+        # and Gram matrix
+        stored, (gram,) = scratch.put_many({f"pca{s}": rows, **new}, block, others)
+        parts.append(stored[f"pca{s}"])
+        scratch.drop(f"x{s}")
+        x_s = stored.get(f"x{s + 1}")
         s += 1
-    if voxels is None:
-        raise ValueError("no subject given")
     n_rows = sum(p.shape[0] for p in parts)
     stacked_block = _block_size(block_size, n_rows, voxels.n_voxels)
     if stacked_block != block:
@@ -680,7 +713,7 @@ def _fastica(x: np.ndarray, *, whiten: str, fun: str, random_state: Any, max_ite
         u, d = linalg.svd(xt, full_matrices=False, check_finite=False)[:2]
         u *= np.where(u[0] < 0, -1.0, 1.0)
         x1 = ((u / d).T @ xt) * np.sqrt(n)
-        _, w, _ = fastica(x1.T, whiten=False, fun=fun, random_state=random_state,
+        _, w, _ = fastica(x1.T, whiten=False, fun=_ica_fun(fun), random_state=random_state,
                           max_iter=max_iter, tol=tol)
         sources = (w @ x1).T / np.sqrt(n)
     if whiten == "unit-variance":

@@ -43,6 +43,8 @@ from scipy import special, stats
 from sklearn.base import BaseEstimator
 from threadpoolctl import threadpool_limits
 
+from ._blocks import ica_fun
+
 __all__ = ["SubjectICA", "mixture_threshold", "power_spectra"]
 
 DimMethod = Literal["laplace", "bic", "aic", "mdl"]
@@ -520,7 +522,7 @@ class SubjectICA(BaseEstimator):
         # FastICA on the white spatial eigenmaps: voxels are samples, rows have zero mean
         # over voxels and identity covariance, so no further whitening is needed
         white = red.maps * np.sqrt(n_vox)  # (k, V)
-        ica = FastICA(n_components=None, algorithm="parallel", whiten=False, fun=fun,
+        ica = FastICA(n_components=None, algorithm="parallel", whiten=False, fun=ica_fun(fun),
                       max_iter=self.max_iter, tol=self.tol, random_state=self.random_state)
         with _blas_threads(white.size):
             ica.fit(white.T)
