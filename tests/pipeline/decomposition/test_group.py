@@ -90,6 +90,37 @@ def _reference_vn(y: np.ndarray) -> np.ndarray:
     return y / np.maximum(resid.std(axis=0, ddof=1), 1e-3)
 
 
+# ------------------------------------------------------------------------ block kernels
+def test_cube_is_scikit_learns_nonlinearity():
+    from sklearn.decomposition._fastica import _cube
+
+    from pipeline.decomposition._blocks import cube
+
+    x = np.random.default_rng(0).standard_normal((7, 5000)) * 5
+    g, gp = cube(x)
+    g_ref, gp_ref = _cube(x, {})
+    np.testing.assert_allclose(g, g_ref, rtol=1e-13)
+    np.testing.assert_allclose(gp, gp_ref, rtol=1e-13)
+
+
+def test_vn_scale_block_equals_the_explicit_residual_std():
+    """``|y|^2 - |u^T y|^2`` instead of forming ``y - u u^T y``: same noise std, including
+    voxels explained by ``u`` alone (floored at 0.001) and constant ones."""
+    from pipeline.decomposition._blocks import VN_FLOOR, demean_block, vn_scale_block
+
+    rng = np.random.default_rng(1)
+    t, v = 50, 400
+    x = rng.standard_normal((t, v)) * rng.uniform(0.5, 20, v) + rng.normal(100, 5, v)
+    d = demean_block(x)
+    np.testing.assert_allclose(d, x - x.mean(axis=0))
+    u = np.linalg.svd(d, full_matrices=False)[0][:, :10]
+    d[:, 0] = u[:, 0] * 3.0  # lies in span(u): residual 0 -> floor
+    d[:, 1] = 0.0  # constant voxel
+    resid = d - u @ (u.T @ d)
+    ref = d / np.maximum(resid.std(axis=0, ddof=1), VN_FLOOR)
+    np.testing.assert_allclose(vn_scale_block(d, u), ref, rtol=1e-9, atol=1e-12)
+
+
 # ----------------------------------------------------------------------- synthetic MIGP
 @pytest.fixture(scope="module")
 def synthetic():
