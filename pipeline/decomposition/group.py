@@ -51,11 +51,14 @@ With the threaded scheduler, limit BLAS to one thread per task
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import dask
@@ -694,7 +697,7 @@ def _canica_reduce(subjects: Iterable[SubjectLike], k: int, *, do_cca: bool,
 
 
 def _fastica(x: np.ndarray, *, whiten: str, fun: str, random_state: Any, max_iter: int,
-             tol: float) -> np.ndarray:
+             tol: float, limit_blas: bool = True) -> np.ndarray:
     """Sources ``(n_samples, k)`` of :func:`sklearn.decomposition.fastica`, safely whitened.
 
     The same computation as ``fastica(x, whiten=..., whiten_solver="svd")`` (PCA whitening
@@ -705,11 +708,14 @@ def _fastica(x: np.ndarray, *, whiten: str, fun: str, random_state: Any, max_ite
     orthonormal columns - exactly CanICA's input - whose singular values are all 1: LAPACK
     then returns axis-aligned singular vectors (in the tests, for some subject orders or
     block sizes). Here a zero counts as positive.
+
+    ``limit_blas=False`` leaves the BLAS threads alone (the caller limits them: threadpoolctl
+    limits are process-wide, so concurrent runs must not set and restore them each).
     """
     x = np.asarray(x, dtype=np.float64)
     n = x.shape[0]
     xt = (x - x.mean(axis=0)).T
-    with _blas_threads(x.size):
+    with _blas_threads(x.size) if limit_blas else contextlib.nullcontext():
         u, d = linalg.svd(xt, full_matrices=False, check_finite=False)[:2]
         u *= np.where(u[0] < 0, -1.0, 1.0)
         x1 = ((u / d).T @ xt) * np.sqrt(n)
@@ -761,12 +767,23 @@ def _canica_unmix(components: np.ndarray, *, n_init: int, random_state: Any,
     rs = check_random_state(random_state)
     seeds = rs.randint(np.iinfo(np.int32).max, size=n_init)
     x = np.asarray(components, dtype=np.float64)
-    runs, scores = [], []
-    for seed in seeds:
-        maps = _fastica(x, whiten="arbitrary-variance", fun="cube", random_state=seed,
-                        max_iter=max_iter, tol=tol).T
-        runs.append(maps)
-        scores.append(np.sum(np.abs(maps), axis=1).max())
+
+    def run(seed: int) -> np.ndarray:
+        return _fastica(x, whiten="arbitrary-variance", fun="cube", random_state=seed,
+                        max_iter=max_iter, tol=tol, limit_blas=False).T
+
+    # the restarts are independent (each from its own seed): run them on the local cores
+    # (NumPy releases the GIL in the array arithmetic), BLAS on one thread each; the
+    # results do not depend on the number of threads
+    n_threads = max(1, min(len(seeds), len(os.sched_getaffinity(0))
+                           if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    with threadpool_limits(limits=1, user_api="blas"):
+        if n_threads == 1:
+            runs = [run(int(seed)) for seed in seeds]
+        else:
+            with ThreadPoolExecutor(n_threads, thread_name_prefix="canica-ica") as pool:
+                runs = list(pool.map(run, (int(seed) for seed in seeds)))
+    scores = [np.sum(np.abs(maps), axis=1).max() for maps in runs]
     best = int(np.argmin(scores))  # first minimum, as nilearn's min(..., key=...)
     maps = _apply_threshold(runs[best], _threshold_ratio(threshold, x.shape[1]))
     maps = maps.astype(np.asarray(components).dtype, copy=True)
