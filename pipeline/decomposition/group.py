@@ -241,9 +241,12 @@ class _Scratch:
         return readers[name], values
 
     def put_many(self, arrays: dict[str, da.Array | None], block: int,
-                 others: Sequence[da.Array | None] = ()
+                 others: Sequence[da.Array | None] = (), extra: Sequence[Any] = ()
                  ) -> tuple[dict[str, da.Array | None], list[Any]]:
         """:meth:`put_with` for several arrays (a None array is skipped): one compute.
+
+        ``extra``: more lazy work (e.g. :meth:`StackWriter.add` stores) run in the same
+        compute; their results are dropped.
 
         Returns
         -------
@@ -257,7 +260,7 @@ class _Scratch:
         if self.memory:
             *persisted, = dask.persist(*named.values())
             readers.update(zip(named, persisted, strict=True))
-            values = list(dask.compute(*todo))
+            values = list(dask.compute(*extra, *todo)[len(extra):])
         else:
             stores, targets = [], []
             for n, x in named.items():
@@ -266,7 +269,7 @@ class _Scratch:
                                             fill_value=0.0, overwrite=True)
                 stores.append(da.store(x, z, lock=False, compute=False))
                 targets.append((n, z, x.shape[0]))
-            values = list(dask.compute(*stores, *todo)[len(stores):])
+            values = list(dask.compute(*stores, *extra, *todo)[len(stores) + len(extra):])
             for n, z, rows in targets:
                 readers[n] = da.from_zarr(z, chunks=(rows, block))
         it = iter(values)
@@ -297,6 +300,63 @@ class _Scratch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Stack:
+    """Subjects' component rows in one ``(rows, voxel)`` scratch array.
+
+    Each subject's rows go to their own row band; the array's chunks are ``row_chunk``
+    rows by ``col_chunk`` voxels, so that the stack can be read back in column blocks of
+    any multiple of ``col_chunk`` with all rows (what the randomized SVD's passes need)
+    without decoding a chunk twice, in one task per column block (with one array per
+    subject, a pass was one read task per subject and column block: scheduler load and
+    reads growing with subjects). The number of subjects need not be known: the array
+    grows by doubling. In ``"memory"`` mode the rows are persisted instead.
+    """
+
+    def __init__(self, scratch: _Scratch, n_voxels: int, row_chunk: int, col_chunk: int,
+                 expected_rows: int | None) -> None:
+        self.scratch = scratch
+        self.col_chunk = col_chunk
+        self.n_rows = 0
+        self.parts: list[da.Array] = []
+        self.z = None
+        if scratch.group is not None:
+            self.z = scratch.group.create_array(
+                name="stack", shape=(max(expected_rows or 16 * row_chunk, row_chunk),
+                                     n_voxels),
+                dtype=np.float64, chunks=(row_chunk, col_chunk), compressors=None,
+                fill_value=0.0, overwrite=True)
+
+    def add(self, rows: da.Array) -> Any:
+        """The lazy store of ``rows`` into the next row band (None in memory mode, where
+        the rows are persisted here)."""
+        r0, r1 = self.n_rows, self.n_rows + rows.shape[0]
+        self.n_rows = r1
+        if self.z is None:
+            self.parts.append(rows.persist())
+            return None
+        if r1 > self.z.shape[0]:
+            self.z.resize((max(r1, 2 * self.z.shape[0]), self.z.shape[1]))
+        return da.store(rows, self.z, regions=(slice(r0, r1), slice(None)), lock=False,
+                        compute=False)
+
+    def read(self, col_block: int) -> da.Array:
+        """The whole stack, lazily, in ``(n_rows, col_block)`` blocks (``col_block`` is
+        rounded down to a multiple of the column chunks)."""
+        col_block = max(self.col_chunk, col_block // self.col_chunk * self.col_chunk)
+        if self.z is None:
+            return da.concatenate(self.parts, axis=0).rechunk((-1, col_block))
+        if self.z.shape[0] != self.n_rows:
+            self.z.resize((self.n_rows, self.z.shape[1]))
+        return da.from_zarr(self.z, chunks=(self.n_rows, col_block))
+
+
+def _col_chunk(block: int) -> tuple[int, int]:
+    """Column chunk of the stack for voxel blocks of about ``block``, and the block rounded
+    to a multiple of it (so that every block writes whole chunks)."""
+    col = 1 << max(0, int(np.log2(max(1, block // 8))))
+    return col, max(col, block // col * col)
 
 
 # ------------------------------------------------------------------------------------------
@@ -615,19 +675,23 @@ def _canica_reduce(subjects: Iterable[SubjectLike], k: int, *, do_cca: bool,
     stacked subject rows (``"stacked"``, in ``scratch``: valid while it is open) and each
     row's singular value (``"row_norms"``: the CCA divisors, ones without CCA).
     """
-    parts: list[da.Array] = []
     row_norms: list[np.ndarray] = []
     voxels: _Voxels | None = None
     block = 0
+    stack: _Stack | None = None
+    expected = len(subjects) * k if isinstance(subjects, Sequence) else None
 
     def prepare(s: int, item: Any) -> tuple[da.Array, da.Array]:
         """Open subject ``s``: its data and the lazy Gram matrix of its PCA."""
-        nonlocal voxels, block
+        nonlocal voxels, block, stack
         x, template = _load(item, s)
         t, n_vox = x.shape
         if voxels is None:
             voxels = _Voxels(template, n_vox)
             block = _block_size(block_size, max(t, k), n_vox)
+            # a given block_size is kept as it is (the stack read in blocks of it)
+            col, block = (block, block) if block_size else _col_chunk(block)
+            stack = _Stack(scratch, n_vox, k, col, expected)
         else:
             voxels.check(template, n_vox, s)
         x = x.rechunk((-1, block))
@@ -661,24 +725,16 @@ def _canica_reduce(subjects: Iterable[SubjectLike], k: int, *, do_cca: bool,
             new, others = {f"x{s + 1}": x_next}, [gram_next]
         # write this subject's rows and, in the same pass, the next subject's scratch copy
         # and Gram matrix
-        stored, (gram,) = scratch.put_many({f"pca{s}": rows, **new}, block, others)
-        parts.append(stored[f"pca{s}"])
+        add = stack.add(rows.rechunk((rows.shape[0], block)))
+        stored, (gram,) = scratch.put_many(new, block, others,
+                                           extra=() if add is None else (add,))
         scratch.drop(f"x{s}")
         x_s = stored.get(f"x{s + 1}")
         s += 1
-    n_rows = sum(p.shape[0] for p in parts)
-    stacked_block = _block_size(block_size, n_rows, voxels.n_voxels)
-    if stacked_block != block:
-        # read each subject's rows back in the stack's column blocks: a task then reads the
-        # stored chunks it needs itself, instead of a rechunk of the subjects' (wider) blocks,
-        # whose pieces, shared by several column blocks of the stack, the scheduler keeps in
-        # memory meanwhile (a band of every subject's rows: memory growing with subjects)
-        reopened = [scratch.reopen(f"pca{i}", (p.shape[0], stacked_block))
-                    for i, p in enumerate(parts)]
-        parts = [p if r is None else r for p, r in zip(parts, reopened, strict=True)]
-    stacked = da.concatenate(parts, axis=0)
-    # one task per column block of the whole stack (blocks used once per pass), of bounded size
-    stacked = stacked.rechunk((-1, stacked_block))
+    n_rows = stack.n_rows
+    # one task per column block of the whole stack (blocks used once per pass), of bounded
+    # size
+    stacked = stack.read(_block_size(block_size, n_rows, voxels.n_voxels))
     if stacked.shape[0] < k:
         raise ValueError(f"n_components={k} exceeds the {stacked.shape[0]} stacked subject "
                          "components")
@@ -693,7 +749,7 @@ def _canica_reduce(subjects: Iterable[SubjectLike], k: int, *, do_cca: bool,
     if out is not None:
         out["stacked"] = stacked
         out["row_norms"] = np.concatenate(row_norms)
-    return np.asarray(v), np.asarray(sv), voxels, len(parts), block
+    return np.asarray(v), np.asarray(sv), voxels, s, block
 
 
 def _fastica(x: np.ndarray, *, whiten: str, fun: str, random_state: Any, max_iter: int,
