@@ -24,15 +24,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import re
+import sys
+import threading
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -124,7 +129,11 @@ class BlockAccumulator(Protocol):
     """Running state of a :class:`BlockReducer` for one run."""
 
     def update(self, index: tuple[slice, slice, slice, slice], block: np.ndarray) -> None:
-        """Take one written block: ``bold[index] == block`` (unscaled, time last)."""
+        """Take one written block: ``bold[index] == block`` (unscaled, time last).
+
+        ``block`` is a read-only, C-contiguous view of a buffer that ingestion refills
+        with the next block: it is only valid during this call (copy what you keep).
+        """
 
     def finish(self) -> tuple[np.ndarray, dict[str, Any]]:
         """The result array and its attributes, stored as ``<run>/derived/<name>``."""
@@ -495,7 +504,7 @@ def ingest_run(spec: RunSpec, store: StoreRef, options: IngestOptions | None = N
                             seconds=time.perf_counter() - start)
 
 
-def time_last_blocks(raw: np.ndarray, unit: Sequence[int]
+def time_last_blocks(raw: np.ndarray, unit: Sequence[int], *, reuse: bool = False
                      ) -> Iterator[tuple[tuple[slice, slice, slice], np.ndarray]]:
     """Split a Fortran-ordered ``(x, y, z, t)`` batch into time-last spatial blocks.
 
@@ -512,6 +521,9 @@ def time_last_blocks(raw: np.ndarray, unit: Sequence[int]
         ``(x, y, z, t)`` batch (Fortran order is the fast case; any layout is correct).
     unit : sequence of int
         Spatial block shape ``(ux, uy, uz)`` (a chunk or shard of the store).
+    reuse : bool, default=False
+        Lay every block out in the same buffer (allocated once per call): each block is
+        then only valid until the generator is advanced (copy it to keep it).
 
     Yields
     ------
@@ -522,17 +534,40 @@ def time_last_blocks(raw: np.ndarray, unit: Sequence[int]
     nx, ny, nz, nt = raw.shape
     ux, uy, uz = (int(u) for u in unit[:3])
     src = raw.T  # (t, z, y, x): C-ordered when raw is Fortran-ordered
+    # one flat buffer for the largest block: edge blocks are C-ordered prefixes of it
+    flat = np.empty(min(ux, nx) * min(uy, ny) * min(uz, nz) * nt, dtype=raw.dtype) \
+        if reuse else None
     for x0 in range(0, nx, ux):
         x1 = min(x0 + ux, nx)
         for y0 in range(0, ny, uy):
             y1 = min(y0 + uy, ny)
             for z0 in range(0, nz, uz):
                 z1 = min(z0 + uz, nz)
-                out = np.empty((x1 - x0, y1 - y0, z1 - z0, nt), dtype=raw.dtype)
+                shape = (x1 - x0, y1 - y0, z1 - z0, nt)
+                out = flat[:math.prod(shape)].reshape(shape) if flat is not None else \
+                    np.empty(shape, dtype=raw.dtype)
                 planes = out.transpose(2, 1, 0, 3)  # (z, y, x, t) view of the block
                 for z in range(z0, z1):
                     planes[z - z0] = src[:, z, y0:y1, x0:x1].transpose(1, 2, 0)
                 yield (slice(x0, x1), slice(y0, y1), slice(z0, z1)), out
+
+
+def _check_finite(raw: np.ndarray, path: str, t0: int) -> None:
+    """Raise InputError naming the first NaN/inf voxel of a batch (floating dtypes only).
+
+    Max and min propagate NaN and surface +/-inf: two vectorised passes without
+    temporaries (cheaper than the float64 sum used before, and never a false alarm).
+    """
+    if not np.issubdtype(raw.dtype, np.floating) or raw.size == 0:
+        return
+    flat = raw.reshape(-1, order="A")  # a view of a contiguous batch
+    if np.isfinite(np.maximum.reduce(flat)) and np.isfinite(np.minimum.reduce(flat)):
+        return
+    bad = ~np.isfinite(raw)
+    vox = np.argwhere(bad)[0]
+    raise InputError(path, f"contains {int(bad.sum())} NaN/inf voxel values "
+                           f"(first at voxel {tuple(int(v) for v in vox[:3])}, "
+                           f"volume {t0 + int(vox[3])})")
 
 
 _DERIVED_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -549,6 +584,215 @@ def _begin_reducers(reducers: Sequence[BlockReducer], c: _CheckedRun) -> list:
             log.warning("%s: reducer %r not applied:\n%s", c.spec.run_id,
                         getattr(r, "name", r), traceback.format_exc())
     return accs
+
+
+# ----------------------------------------------------------------------------------------
+# writing whole chunks without zarr's per-chunk machinery
+
+#: Blosc's header overhead: a compressed chunk is at most this much larger than its input
+_BLOSC_MAX_OVERHEAD = 16
+
+
+@functools.cache
+def _blosc_compress_ctx() -> Callable[..., int] | None:
+    """c-blosc's ``blosc_compress_ctx`` from the library numcodecs ships, or None.
+
+    numcodecs' ``Blosc.encode`` calls this same function (one thread, its own context)
+    but always returns a fresh bytes object: one chunk-sized allocation per chunk, page
+    faulted anew in Dask workers (they run with ``MALLOC_TRIM_THRESHOLD_``, so freed
+    buffers go back to the OS). Called directly, it compresses into a buffer we reuse.
+    Any use is first checked to give numcodecs' bytes (:meth:`_ChunkWriter._verified`).
+    ``BOLDFLOW_DIRECT_BLOSC=0`` in the environment turns it off (numcodecs' own encode is
+    then used: the same bytes, one allocation per chunk).
+    """
+    if os.environ.get("BOLDFLOW_DIRECT_BLOSC", "1") == "0":
+        return None
+    try:
+        import ctypes
+
+        import numcodecs.blosc
+
+        fn = ctypes.CDLL(numcodecs.blosc.__file__).blosc_compress_ctx
+    except (ImportError, OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p,
+                   ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_VERIFIED: dict[tuple, bool] = {}
+_VERIFIED_LOCK = threading.Lock()
+
+
+class _ChunkWriter:
+    """Writes whole chunks of a zarr v3 ``bytes`` + ``blosc`` array, byte for byte as zarr.
+
+    ``arr[index] = block`` costs much more than the encode itself: each call goes
+    through zarr's event loop and encode thread pool, an edge block is first copied into
+    a fresh chunk-shaped array (chunk shapes rarely divide the grid), and numcodecs'
+    Blosc returns a fresh bytes object per chunk. Here a block is encoded on the calling
+    thread into buffers reused for the whole run (an edge block padded with the fill
+    value, as zarr does) and the bytes are stored under the chunk's key with the store's
+    own ``set`` (atomic for local stores). Only blocks that are whole chunks (or reach
+    the array's end) take this path; anything else returns False and the caller falls
+    back to zarr.
+
+    Use :meth:`for_array` (None when the array's layout is not this simple one).
+    """
+
+    def __init__(self, arr: zarr.Array, blosc: Any) -> None:
+        self.arr = arr
+        self.chunks = tuple(int(n) for n in arr.chunks)
+        self.shape = tuple(int(n) for n in arr.shape)
+        self.dtype = np.dtype(arr.dtype)
+        self.fill = np.asarray(arr.fill_value, dtype=self.dtype)
+        # what zarr's BloscCodec encodes with (its numcodecs codec) and the typesize it
+        # declares (numcodecs >= 0.16 is given it; the check in _verified covers older)
+        self.codec = blosc._blosc_codec
+        self.typesize = int(blosc.typesize or self.dtype.itemsize)
+        self._pad: np.ndarray | None = None  # chunk-shaped, for edge blocks
+        self._dest: np.ndarray | None = None  # compressed bytes
+        self._compress = _blosc_compress_ctx() if self._verified() else None
+
+    @classmethod
+    def for_array(cls, arr: zarr.Array) -> _ChunkWriter | None:
+        """A writer for ``arr``, or None if its codecs or chunking are not supported."""
+        try:
+            from zarr.codecs import BytesCodec
+
+            meta = arr.metadata
+            if meta.zarr_format != 3 or getattr(arr, "shards", None) is not None \
+                    or getattr(meta, "storage_transformers", ()):
+                return None
+            codecs = tuple(meta.codecs)
+            dtype = np.dtype(arr.dtype)
+            if len(codecs) != 2 or type(codecs[0]) is not BytesCodec \
+                    or type(codecs[1]) is not BloscCodec or not dtype.isnative \
+                    or dtype.hasobject:
+                return None
+            endian = codecs[0].endian
+            if endian is not None and dtype.itemsize > 1 and endian.value != sys.byteorder:
+                return None
+            if not hasattr(codecs[1], "_blosc_codec"):
+                return None  # another zarr version: its exact encoding is not known here
+            return cls(arr, codecs[1])
+        except Exception:  # unknown metadata layout: zarr's own path is always right
+            log.debug("chunk writer not used:\n%s", traceback.format_exc())
+            return None
+
+    def _params(self) -> tuple[str, int, int, int, int]:
+        c = self.codec
+        return str(c.cname), int(c.clevel), int(c.shuffle), int(c.blocksize), self.typesize
+
+    def _verified(self) -> bool:
+        """Whether direct compression gives numcodecs' bytes for these parameters.
+
+        Checked once per process and parameter set, on a sample of this dtype (several
+        Blosc blocks, compressible and not), against the codec zarr itself uses; a
+        mismatch (another numcodecs, another c-blosc) keeps numcodecs for good.
+        """
+        key = (*self._params(), self.dtype.str)
+        with _VERIFIED_LOCK:
+            if key not in _VERIFIED:
+                _VERIFIED[key] = self._check_against_numcodecs()
+            return _VERIFIED[key]
+
+    def _check_against_numcodecs(self) -> bool:
+        if _blosc_compress_ctx() is None:
+            return False
+        rng = np.random.default_rng(0)
+        n = (1 << 19) // self.dtype.itemsize
+        if self.dtype.kind == "f":
+            sample = (1000 + rng.standard_normal(n) * np.linspace(0, 50, n)).astype(self.dtype)
+        elif self.dtype.kind in "iu":
+            info = np.iinfo(self.dtype)
+            sample = rng.integers(max(info.min, -500), min(info.max, 500), n,
+                                  dtype=self.dtype, endpoint=True)
+            sample[: n // 3] = 0
+        elif self.dtype.kind == "b":
+            sample = rng.random(n) < 0.2
+        else:
+            return False
+        try:
+            # numcodecs uses one thread (no Blosc thread pool) off the main thread, as in
+            # zarr's encode pool: compare with that
+            with ThreadPoolExecutor(1) as pool:
+                ref = bytes(pool.submit(self.codec.encode, sample.view(np.uint8)).result())
+            got = bytes(self._encode_into(sample, _blosc_compress_ctx()))
+        except Exception:
+            log.debug("direct Blosc compression not used:\n%s", traceback.format_exc())
+            return False
+        if got != ref:
+            log.info("direct Blosc compression differs from numcodecs' here; not used")
+        return got == ref
+
+    def _encode_into(self, src: np.ndarray, compress: Callable[..., int]) -> memoryview:
+        cname, clevel, shuffle, blocksize, typesize = self._params()
+        nbytes = src.nbytes
+        if self._dest is None or self._dest.nbytes < nbytes + _BLOSC_MAX_OVERHEAD:
+            self._dest = np.empty(nbytes + _BLOSC_MAX_OVERHEAD, dtype=np.uint8)
+        # the destination size numcodecs gives, not the buffer's: Blosc stores a chunk
+        # uncompressed when compressing it would not fit in that
+        size = compress(clevel, shuffle, typesize, nbytes, src.ctypes.data,
+                        self._dest.ctypes.data, nbytes + _BLOSC_MAX_OVERHEAD,
+                        cname.encode("ascii"), blocksize, 1)
+        if size <= 0:
+            raise RuntimeError(f"Blosc compression failed (code {size})")
+        return memoryview(self._dest)[:size]
+
+    def _chunk_coords(self, index: tuple[slice, ...], block: np.ndarray
+                      ) -> tuple[int, ...] | None:
+        coords = []
+        for sl, n, c, total in zip(index, block.shape, self.chunks, self.shape, strict=True):
+            start = sl.start or 0
+            if start % c or (n != c and start + n != total) or n > c:
+                return None
+            coords.append(start // c)
+        return tuple(coords)
+
+    def encode(self, index: tuple[slice, ...], block: np.ndarray) -> memoryview | bytes | None:
+        """The stored bytes of the chunk ``block`` fills (None: not a whole chunk).
+
+        The result may be a view of a buffer reused by the next call.
+        """
+        if block.ndim != len(self.chunks) or block.dtype != self.dtype \
+                or self._chunk_coords(index, block) is None:
+            return None
+        src = block
+        if block.shape != self.chunks:
+            # an edge chunk: zarr stores it whole, the part outside the array filled
+            if self._pad is None:
+                self._pad = np.empty(self.chunks, dtype=self.dtype)
+            pad = self._pad
+            for axis, n in enumerate(block.shape):
+                # the complement of block's region, one slab per axis
+                pad[(*(slice(0, m) for m in block.shape[:axis]), slice(n, None))] = self.fill
+            pad[tuple(slice(0, n) for n in block.shape)] = block
+            src = pad
+        elif not block.flags.c_contiguous:
+            src = np.ascontiguousarray(block)
+        if self._compress is not None:
+            return self._encode_into(src, self._compress)
+        # zarr's own encode call (off the main thread, as here in Dask or ingest's thread
+        # pool, numcodecs compresses with one thread, so the bytes are zarr's too)
+        return self.codec.encode(src.reshape(-1).view(np.uint8))
+
+    def write(self, index: tuple[slice, ...], block: np.ndarray) -> bool:
+        """Store ``block`` as the chunk at ``index``; False (nothing written) if it is not
+        a whole chunk."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        data = self.encode(index, block)
+        if data is None:
+            return False
+        key = self.arr.metadata.encode_chunk_key(self._chunk_coords(index, block))
+        path = f"{self.arr.path}/{key}" if self.arr.path else key
+        # synchronous: the reused buffer is free again when this returns
+        sync(self.arr.store.set(path, default_buffer_prototype().buffer.from_bytes(data)))
+        return True
 
 
 def _write_run(c: _CheckedRun, zstore, path: str, fingerprint: str,
@@ -570,32 +814,37 @@ def _write_run(c: _CheckedRun, zstore, path: str, fingerprint: str,
     # per-chunk "all fill value?" scan (a full extra pass over the data)
     arr = zarr.open_array(zstore, path=f"{path}/bold", mode="r+").with_config(
         {"write_empty_chunks": True})
+    # whole chunks encoded on this thread into reused buffers (zarr's own path otherwise)
+    writer = _ChunkWriter.for_array(arr)
     accs = _begin_reducers(reducers, c)
-    check_finite = np.issubdtype(info.dtype, np.floating)
     nbytes = 0
-    for t0, raw in iter_volume_batches(info, plan.time_block):
-        # a float64 sum is non-finite iff some value is (finite float32 cannot overflow it)
-        if check_finite and not np.isfinite(raw.sum(dtype=np.float64)):
-            bad = ~np.isfinite(raw)
-            vox = np.argwhere(bad)[0]
-            raise InputError(info.path, f"contains {int(bad.sum())} NaN/inf voxel values "
-                                        f"(first at voxel {tuple(int(v) for v in vox[:3])}, "
-                                        f"volume {t0 + int(vox[3])})")
-        # one block (chunk or shard) at a time: the re-laid copy and zarr's encode
-        # buffers stay a fraction of the batch
+    # one batch buffer for the run and one block buffer per batch, refilled in place: no
+    # batch- or block-sized allocation (and its page faults) each time. Nothing keeps a
+    # reference past its use: a block is written (synchronously) and reduced before the
+    # next one is laid out, and a batch is done with before the next one is read.
+    for t0, raw in iter_volume_batches(info, plan.time_block, reuse=True):
+        _check_finite(raw, info.path, t0)
+        # one block (chunk or shard) at a time: the re-laid copy and the encode buffers
+        # stay a fraction of the batch
         tsl = slice(t0, t0 + raw.shape[3])
-        for idx, block in time_last_blocks(raw, plan.write_unit):
-            arr[(*idx, tsl)] = block
-            for name, acc in list(accs):
-                try:
-                    acc.update((*idx, tsl), block)
-                except Exception:
-                    log.warning("%s: reducer %r dropped:\n%s", c.spec.run_id, name,
-                                traceback.format_exc())
-                    accs.remove((name, acc))
+        for idx, block in time_last_blocks(raw, plan.write_unit, reuse=True):
+            index = (*idx, tsl)
+            if writer is None or not writer.write(index, block):
+                arr[index] = block
+            if accs:
+                view = block.view()
+                view.flags.writeable = False  # reducers read; the buffer is refilled next
+                for name, acc in list(accs):
+                    try:
+                        acc.update(index, view)
+                    except Exception:
+                        log.warning("%s: reducer %r dropped:\n%s", c.spec.run_id, name,
+                                    traceback.format_exc())
+                        accs.remove((name, acc))
+                del view
             del block
         nbytes += raw.nbytes
-        del raw  # before the next batch is read: never two batches in memory
+        del raw
     for name, acc in accs:
         try:
             data, meta = acc.finish()
