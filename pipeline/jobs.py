@@ -164,6 +164,9 @@ class Job:
         The Dask dashboard of the cluster running the job.
     futures : dict
         ``run_id -> distributed.Future`` of the per-run graphs submitted so far.
+    overlapped : list of str
+        Runs whose task was submitted while ingestion was still going on (as soon as the
+        run itself was in the store), in submission order.
     """
 
     def __init__(self, pipeline: Pipeline, client, owns_cluster: Any) -> None:
@@ -171,6 +174,7 @@ class Job:
         self.client = client
         self._owned = owns_cluster
         self.futures: dict[str, Any] = {}
+        self.overlapped: list[str] = []
         self.dashboard_link = getattr(client, "dashboard_link", "")
         self._cancelled = threading.Event()
         self._result: JobResult | None = None
@@ -308,17 +312,75 @@ class Pipeline:
 
         rows: list[dict] = []
         ingested: dict[str, dict] = {}  # run_id -> what ingestion did and read
+        results: dict[str, xr.DataArray] = {}
+        in_flight: dict[Any, tuple[str, dict, float, dict]] = {}
+        n_workers = len(job.client.scheduler_info().get("workers", {}))
+        shared: dict[str, Any] = {}  # the store and job context, opened once
+
+        def context_for(store_url: str) -> _Context:
+            if "context" not in shared:
+                bs_ = storage.open_store(store_url, storage_options=opts)
+                shared["context"] = _Context(self, bs_)
+            return shared["context"]
+
+        def submit(context: _Context, run_id: str, group: str, ents: dict, prov: str,
+                   group_mask: Any, t0: float) -> Any:
+            """One run's task on a worker: built, computed and written there."""
+            bs_ = context.bs
+            fut = job.client.submit(_run_on_worker, cfg, bs_.ref, group, ents, prov,
+                                    group_mask, pure=False,
+                                    key=f"run-{run_id}-{prov[:12]}")
+            job.futures[run_id] = fut
+            in_flight[fut] = (run_id, ents, t0, {
+                "prov": prov, "stage": "compute", "on_worker": True,
+                "read": _bold_bytes(bs_, group, sums_name(context))})
+            job._status[run_id] = "running"
+            return fut
+
+        def sums_name(context: _Context) -> str | None:
+            if "sums" not in shared:
+                sums = context.label_sums()
+                shared["sums"] = sums.name if sums is not None else None
+            return shared["sums"]
+
         store = cfg.input
+        early: dict[str, Any] = {}  # run_id -> its task, submitted while ingestion goes on
         if not _is_store(cfg.input, opts):
             store = cfg.store or _join(cfg.output, "boldflow.zarr")
             self.echo(f"ingesting {storage.stores.redact_url(cfg.input)} -> {store}")
             ing = stage("ingest", 0, labels={"complete": "ingested"})
             actions = {"ingested": "complete", "skipped": "skipped"}
+            # A run's own task can start as soon as that run is in the store: the workers
+            # then clean and write the first runs while the last ones are still ingested
+            # (no idle tail). Not with a group mask (it needs every run) nor with fewer
+            # runs than workers (their graphs are spread over the cluster instead).
+            early_ok = cfg.mask.strategy != "group"
 
             def on_ingest(row: dict, total: int) -> None:
                 ing.total = total
                 ing.update(actions.get(row["action"], "failed"), row["run_id"],
                            nbytes=row.get("source_bytes"), error=row.get("error"))
+                if (early_ok and row["status"] == "complete" and total >= max(2, n_workers)
+                        and not job._cancelled.is_set()):
+                    submit_early(row)
+
+            def submit_early(row: dict) -> None:
+                """Submit a freshly ingested run's task; anything unusual (not selected,
+                outputs already there, an error) is left to the normal path below."""
+                if row["run_id"] in early or self._select(pd.DataFrame([row])).empty:
+                    return
+                try:
+                    context = context_for(store)
+                    attrs = context.run_attrs(row["group"])
+                    ents = dict(attrs["entities"])
+                    prov = context.provenance(row["group"], attrs)
+                    if context.cached(ents, prov) is not None:
+                        return
+                    early[row["run_id"]] = submit(context, row["run_id"], row["group"], ents,
+                                                  prov, None, time.perf_counter())
+                    job.overlapped.append(row["run_id"])
+                except Exception:  # reported by the normal path
+                    return
 
             try:
                 # region sums in ingestion's own pass when that is all the runs need
@@ -328,6 +390,10 @@ class Pipeline:
                     source_options=opts, subjects=cfg.subjects, sessions=cfg.sessions,
                     tasks=cfg.task, runs=cfg.runs, spaces=cfg.space, progress=on_ingest,
                     reducers=(reducer,) if reducer is not None else ())
+            except BaseException:
+                for fut in early.values():
+                    fut.cancel()
+                raise
             finally:
                 ing.close()
             for _, r in catalog.iterrows():
@@ -338,17 +404,12 @@ class Pipeline:
                 rows.append(self._row(dict(sub=r["sub"], ses=r["ses"], task=r["task"],
                                            run=r["run"], space=r["space"]), r["run_id"],
                                       "failed", stage="ingest", error=r["error"]))
-        bs = storage.open_store(store, storage_options=opts)
+        context = context_for(store)
+        bs = context.bs
         selected = self._select(bs.runs())
         for run_id in selected["run_id"]:
-            job._status[run_id] = "pending"
+            job._status.setdefault(run_id, "pending")
         self.echo(f"{len(selected)} run(s) selected from {bs.ref}")
-        context = _Context(self, bs)
-        sums = context.label_sums()
-        sums_name = sums.name if sums is not None else None
-        results: dict[str, xr.DataArray] = {}
-        in_flight: dict[Any, tuple[str, dict, float, dict]] = {}
-        n_workers = len(job.client.scheduler_info().get("workers", {}))
         # many runs: one task per run, built, computed and written by a worker (the driver
         # only submits and collects); few runs: the run's graph spread over the workers
         on_workers = len(selected) >= max(2, n_workers)
@@ -357,13 +418,13 @@ class Pipeline:
         if on_workers and cfg.mask.strategy == "group":
             # computed once here, sent to the workers once (not embedded in every task)
             group_mask = job.client.scatter(context.group_mask(), broadcast=True)
-        pending = list(selected.itertuples(index=False))
+        pending = [r for r in selected.itertuples(index=False) if r.run_id not in early]
         prog = stage("runs", len(selected))
         t_runs = time.perf_counter()
 
         from distributed import as_completed
 
-        ac = as_completed()
+        ac = as_completed(list(early.values()))
 
         def failed(ents: dict, run_id: str, stage_: str, error: str, t0: float | None) -> None:
             rows.append(self._row(ents, run_id, "failed", stage=stage_, error=error,
@@ -389,18 +450,15 @@ class Pipeline:
                     prog.update("skipped", run_id)
                     return
                 if on_workers:
-                    stage_ = "compute"
-                    fut = job.client.submit(_run_on_worker, cfg, bs.ref, group, ents, prov,
-                                            group_mask, pure=False,
-                                            key=f"run-{run_id}-{prov[:12]}")
+                    fut = submit(context, run_id, group, ents, prov, group_mask, t0)
                 else:
                     graph, stage_ = context.build(group)
                     fut = job.client.compute(dask.delayed(graph))
-                job.futures[run_id] = fut
-                in_flight[fut] = (run_id, ents, t0, {"prov": prov, "stage": stage_,
-                                                     "read": _bold_bytes(bs, group,
-                                                                         sums_name)})
-                job._status[run_id] = "running"
+                    job.futures[run_id] = fut
+                    in_flight[fut] = (run_id, ents, t0, {
+                        "prov": prov, "stage": stage_,
+                        "read": _bold_bytes(bs, group, sums_name(context))})
+                    job._status[run_id] = "running"
                 ac.add(fut)
             except Exception as e:  # one run's failure is recorded, the others go on
                 failed(ents or {"sub": row.sub, "task": row.task}, run_id,
@@ -414,7 +472,7 @@ class Pipeline:
             run_id, ents, t0, info = in_flight.pop(fut)
             try:
                 computed = fut.result()
-                if on_workers:
+                if info.get("on_worker"):
                     outputs = computed.pop("outputs")
                 else:
                     outputs = context.write_run(ents, computed, info["prov"])

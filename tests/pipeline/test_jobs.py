@@ -158,7 +158,10 @@ def test_job_outputs_failures_and_resume(tmp_path, sim, client):
     frame.drop(columns=["csf"]).to_csv(bad, sep="\t", index=False, na_rep="n/a")
     job = _job(sim, tmp_path / "out", input=str(src))
     lines: list[str] = []
-    result = Pipeline(job).submit(client, echo=lines.append).result()
+    handle = Pipeline(job).submit(client, echo=lines.append)
+    result = handle.result()
+    # every ingested run's task was submitted as soon as that run was in the store
+    assert sorted(handle.overlapped) == sorted(result.runs["run_id"])
     runs = result.runs.set_index("sub")
     assert runs.loc["03", "status"] == "failed"
     assert runs.loc["03", "stage"] == "confounds"
@@ -196,7 +199,10 @@ def test_job_outputs_failures_and_resume(tmp_path, sim, client):
 
     # re-run: nothing recomputed (provenance matches), identical group result
     before = (func / f"{prefix}_seg-sim_stat-mean_timeseries.tsv").stat().st_mtime_ns
-    again = Pipeline(job).submit(client).result()
+    handle = Pipeline(job).submit(client)
+    again = handle.result()
+    # runs whose outputs stand are not submitted early (sub-03 failed: it is recomputed)
+    assert [r.split("_")[0] for r in handle.overlapped] == ["sub-03"]
     runs2 = again.runs.set_index("sub")
     assert (runs2.drop(index="03")["status"] == "skipped").all()
     ok = runs2.drop(index="03")
