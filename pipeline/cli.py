@@ -78,6 +78,9 @@ def demo(out: Path, subjects: int, volumes: int, seed: int, workers: int | None,
 @click.option("--batch-size", default="128MiB", show_default=True,
               help="Volumes held in memory per run while ingesting.")
 @click.option("--shard-size", default=None, help="Enable sharding (object stores), e.g. 256MiB.")
+@click.option("--series-size", default="128MiB", show_default=True,
+              help="Largest chunk block over all volumes as float64 (the jobs' block_bytes): "
+                   "long runs get smaller chunks so stages never split one.")
 @click.option("--codec", type=click.Choice(["lz4", "zstd", "lz4hc", "blosclz", "zlib"]),
               default="lz4", show_default=True,
               help="Blosc compressor (bit shuffle, level 1); zstd: 7-10 % smaller stores, "
@@ -88,7 +91,7 @@ def demo(out: Path, subjects: int, volumes: int, seed: int, workers: int | None,
 @click.option("-s", "--source-option", "source_opts", multiple=True,
               help="fsspec option of the source, key=value (repeatable).")
 def ingest(source: str, store: str, workers, memory_limit, scheduler, subjects, tasks, spaces,
-           chunk_size, batch_size, shard_size, codec, overwrite, store_opts,
+           chunk_size, batch_size, shard_size, series_size, codec, overwrite, store_opts,
            source_opts) -> None:
     """Ingest SOURCE (fMRIPrep derivatives folder/URL, or a run manifest .yaml) into STORE."""
     import storage
@@ -113,7 +116,7 @@ def ingest(source: str, store: str, workers, memory_limit, scheduler, subjects, 
                 source_options=_options_kv(source_opts), subjects=list(subjects) or None,
                 tasks=list(tasks) or None, spaces=list(spaces) or None,
                 chunk_bytes=chunk_size, batch_bytes=batch_size, shard_bytes=shard_size,
-                cname=codec, overwrite=overwrite, progress=on_run)
+                series_bytes=series_size, cname=codec, overwrite=overwrite, progress=on_run)
         finally:
             if progress.done:
                 progress.close()

@@ -4,7 +4,10 @@ BOLD is stored with dimensions ``(x, y, z, time)``. Every chunk holds a spatial 
 a contiguous range of volumes. The time range is as long as the ingest memory budget
 allows (the whole run when it fits, so most runs get "time-contiguous" chunks holding
 every volume of their voxels); readers merge the time blocks of each spatial block, so
-pipeline stages always see whole voxel time series.
+pipeline stages always see whole voxel time series. For long runs the spatial block is
+also kept small enough that its whole time series fits the stages' block budget
+(``series_bytes``): readers then never split a stored chunk, which would decode it once
+per part.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ def _split_to_target(dims: list[int], fixed_bytes: int, target: int) -> list[int
 
 def plan_bold_chunks(shape: tuple[int, int, int, int], itemsize: int, *,
                      chunk_bytes: int = 32 * MiB, batch_bytes: int = 128 * MiB,
-                     shard_bytes: int | None = None) -> ChunkPlan:
+                     shard_bytes: int | None = None,
+                     series_bytes: int | None = 128 * MiB) -> ChunkPlan:
     """Plan chunks for a ``(x, y, z, time)`` array.
 
     Parameters
@@ -76,6 +80,11 @@ def plan_bold_chunks(shape: tuple[int, int, int, int], itemsize: int, *,
         whole run fits, chunks span all volumes.
     shard_bytes : int, optional
         Target shard size for object stores (several chunks per object); None: no sharding.
+    series_bytes : int, optional, default=128 MiB
+        Largest size of a chunk's spatial block over *all* ``nt`` volumes as float64 (what
+        a stage reading whole voxel time series holds: open_run's ``block_bytes``). A run
+        longer than one batch gets spatial blocks this small, so that readers never split
+        a stored chunk. None: ``chunk_bytes`` alone sets the spatial block.
 
     Returns
     -------
@@ -89,7 +98,12 @@ def plan_bold_chunks(shape: tuple[int, int, int, int], itemsize: int, *,
     # fewer, equal time blocks: 300 volumes with room for 250 -> 2 x 150, not 250 + 50
     n_blocks = math.ceil(nt / time_block)
     time_block = math.ceil(nt / n_blocks)
-    cx, cy, cz = _split_to_target([nx, ny, nz], itemsize * time_block, chunk_bytes)
+    block = _split_to_target([nx, ny, nz], itemsize * time_block, chunk_bytes)
+    if series_bytes:
+        # halving again (not a fresh split) keeps the parts that readers' time_blocks
+        # would cut out of the larger block: the same shapes, now stored whole
+        block = _split_to_target(block, 8 * nt, series_bytes)
+    cx, cy, cz = block
     chunks = (cx, cy, cz, time_block)
     shards = None
     if shard_bytes:

@@ -83,6 +83,13 @@ class IngestOptions:
     shard_bytes : int or str, optional
         Enable Zarr sharding with shards of about this size (recommended on object
         stores: fewer, larger objects). None: no sharding.
+    series_bytes : int or str, optional, default="128MiB"
+        Largest whole voxel time series block (a chunk's spatial block over every volume,
+        as float64) that stages reading whole time series hold: the default
+        ``block_bytes`` of :func:`storage.open_run` and of jobs. Long runs get smaller
+        spatial chunks so that such readers never decode a stored chunk twice. Ingest
+        with a smaller value when the pipeline runs with a smaller ``block_bytes``.
+        None: only ``chunk_bytes`` sets the spatial block.
     clevel : int, default=1
         Blosc compression level.
     shuffle : {"bitshuffle", "shuffle", "noshuffle"}, default="bitshuffle"
@@ -101,6 +108,7 @@ class IngestOptions:
     clevel: int = 1
     shuffle: str = "bitshuffle"
     cname: str = "lz4"
+    series_bytes: int | str | None = "128MiB"
 
     def normalized(self) -> IngestOptions:
         """The same options with sizes in bytes (and validated)."""
@@ -118,6 +126,7 @@ class IngestOptions:
             clevel=int(self.clevel),
             shuffle=str(self.shuffle),
             cname=str(self.cname),
+            series_bytes=parse_bytes(self.series_bytes) if self.series_bytes else None,
         )
 
 
@@ -799,7 +808,8 @@ def _write_run(c: _CheckedRun, zstore, path: str, fingerprint: str,
                options: IngestOptions, reducers: Sequence[BlockReducer] = ()) -> int:
     info = c.bold
     plan = plan_bold_chunks(info.shape, info.dtype.itemsize, chunk_bytes=options.chunk_bytes,
-                            batch_bytes=options.batch_bytes, shard_bytes=options.shard_bytes)
+                            batch_bytes=options.batch_bytes, shard_bytes=options.shard_bytes,
+                            series_bytes=options.series_bytes)
     attrs = _run_attrs(c, fingerprint, plan)
     ds, encoding = _template(c, plan, attrs, options)
     with warnings.catch_warnings():
@@ -949,7 +959,8 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
            subjects=None, sessions=None, tasks=None, runs=None, spaces=None,
            chunk_bytes: int | str = "32MiB", batch_bytes: int | str = "128MiB",
            shard_bytes: int | str | None = None, clevel: int = 1,
-           shuffle: str = "bitshuffle", cname: str = "lz4", overwrite: bool = False,
+           shuffle: str = "bitshuffle", cname: str = "lz4",
+           series_bytes: int | str | None = "128MiB", overwrite: bool = False,
            progress: bool | Callable[[dict, int], None] = False,
            reducers: Sequence[BlockReducer] = ()) -> pd.DataFrame:
     """Ingest fMRI runs into a Zarr v3 store, in parallel, resumably.
@@ -968,7 +979,7 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
         fsspec options of the store and of the source (credentials, endpoints).
     subjects, sessions, tasks, runs, spaces : str or list of str, optional
         Discovery filters (BIDS sources only).
-    chunk_bytes, batch_bytes, shard_bytes, clevel, shuffle, cname
+    chunk_bytes, batch_bytes, shard_bytes, clevel, shuffle, cname, series_bytes
         See :class:`IngestOptions`.
     overwrite : bool, default=False
         Rewrite runs that are already complete.
@@ -994,7 +1005,7 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
     source_options = dict(source_options or {})
     ref = StoreRef.coerce(store, storage_options)
     options = IngestOptions(chunk_bytes, batch_bytes, shard_bytes, clevel,
-                            shuffle, cname).normalized()
+                            shuffle, cname, series_bytes).normalized()
     filters = {"subjects": subjects, "sessions": sessions, "tasks": tasks, "runs": runs,
                "spaces": spaces}
     specs = _resolve_runs(source, source_options, filters)

@@ -17,10 +17,10 @@ sizes = st.integers(1 << 10, 1 << 30)
 
 @settings(max_examples=300, deadline=None)
 @given(shape=shapes, itemsize=itemsizes, chunk=sizes, batch=sizes,
-       shard=st.one_of(st.none(), sizes))
-def test_plan_invariants(shape, itemsize, chunk, batch, shard):
+       shard=st.one_of(st.none(), sizes), series=st.one_of(st.none(), sizes))
+def test_plan_invariants(shape, itemsize, chunk, batch, shard, series):
     plan = plan_bold_chunks(shape, itemsize, chunk_bytes=chunk, batch_bytes=batch,
-                            shard_bytes=shard)
+                            shard_bytes=shard, series_bytes=series)
     cx, cy, cz, ct = plan.chunks
     nx, ny, nz, nt = shape
     # within bounds, non-empty
@@ -36,6 +36,9 @@ def test_plan_invariants(shape, itemsize, chunk, batch, shard):
     # chunks meet the size target unless a single voxel time block already exceeds it
     if itemsize * ct <= chunk:
         assert cx * cy * cz * ct * itemsize <= chunk
+    # a chunk's spatial block over every volume (float64) fits the stages' block budget
+    if series is not None and 8 * nt <= series:
+        assert cx * cy * cz * nt * 8 <= series
     # shards are whole multiples of chunks, one time block deep, within their target
     if plan.shards is not None:
         sx, sy, sz, st_ = plan.shards
@@ -79,3 +82,28 @@ def test_time_last_blocks_tile_the_batch_exactly(shape, unit, dtype, fortran):
                                          zip(unit, shape[:3], (sx, sy, sz), strict=True))
         seen[sx, sy, sz] += 1
     assert (seen == 1).all()  # every voxel exactly once
+
+
+@settings(max_examples=100, deadline=None)
+@given(shape=st.tuples(st.integers(1, 80), st.integers(1, 80), st.integers(1, 80),
+                       st.integers(2, 2000)),
+       itemsize=st.sampled_from([2, 4]),
+       budget=st.sampled_from(["4MiB", "16MiB", "128MiB"]))
+def test_readers_never_split_stored_chunks(shape, itemsize, budget):
+    """open_run's whole-time-series blocks (time_blocks) with the same budget are the
+    stored spatial chunks themselves: no stored chunk is decoded twice."""
+    import dask.array as da
+    import xarray as xr
+
+    from storage.chunking import parse_bytes
+    from storage.dataset import time_blocks
+
+    plan = plan_bold_chunks(shape, itemsize, series_bytes=parse_bytes(budget))
+    if 8 * shape[3] > parse_bytes(budget):
+        return  # one voxel's series alone exceeds the budget: nothing can fit
+    bold = xr.DataArray(da.zeros(shape, chunks=plan.chunks, dtype=f"i{itemsize}"),
+                        dims=("x", "y", "z", "time"))
+    bold.encoding["chunks"] = plan.chunks
+    out = time_blocks(bold, budget)
+    for d, c, n in zip("xyz", plan.chunks[:3], shape[:3], strict=True):
+        assert out[d] == da.core.normalize_chunks((c,), (n,))[0]

@@ -320,3 +320,28 @@ def test_check_finite_no_false_alarm_on_huge_values():
     raw[0, 0, 0, 0] = -np.finfo(np.float32).max
     ing._check_finite(raw, "x", 0)  # a float32 sum would overflow; max/min do not
     ing._check_finite(np.zeros((2, 2, 2, 3), np.int16), "x", 0)  # integers: no check
+
+
+def test_long_runs_get_chunks_that_readers_do_not_split(tmp_path):
+    """A run longer than one ingest batch is stored with spatial chunks whose whole time
+    series fit ``series_bytes``: open_run with the same ``block_bytes`` uses the stored
+    chunks as they are (each decoded once) and reads back exactly the file's values."""
+    spec = make_run(tmp_path / "in", "01", shape=(9, 8, 6, 60), dtype="int16")
+    per_volume = 9 * 8 * 6 * 2
+    kw = dict(batch_bytes=20 * per_volume, chunk_bytes="1MiB", series_bytes="64KiB")
+    storage.ingest([spec], tmp_path / "s.zarr", **kw)
+    arr = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")[f"{spec.group_path}/bold"]
+    cx, cy, cz, ct = arr.chunks
+    assert ct == 20 and cx * cy * cz * 60 * 8 <= 64 * 1024
+    ds = storage.open_run(tmp_path / "s.zarr", subject="01", task="rest",
+                          block_bytes="64KiB")
+    bold = ds["bold"].data
+    assert bold.chunks[:3] == tuple(
+        tuple(min(c, n - s) for s in range(0, n, c)) for c, n in zip((cx, cy, cz), (9, 8, 6),
+                                                                      strict=True))
+    assert bold.chunks[3] == (60,)
+    np.testing.assert_array_equal(bold.compute(), nib.load(spec.bold).get_fdata())
+    # without the series budget the chunks follow chunk_bytes alone: the reader splits them
+    storage.ingest([spec], tmp_path / "t.zarr", **{**kw, "series_bytes": None})
+    wide = zarr.open_group(str(tmp_path / "t.zarr"), mode="r")[f"{spec.group_path}/bold"]
+    assert wide.chunks[:3] == (9, 8, 6)
