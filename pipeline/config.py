@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from storage import BoldflowError
 
 __all__ = ["AdaptConfig", "CleanConfig", "ClusterConfig", "ConfigError", "ConnectivityConfig",
-           "DecomposeConfig", "ExportConfig", "JobConfig", "MaskConfig", "ParcellateConfig",
-           "SeedConfig", "load_config"]
+           "DecomposeConfig", "ExportConfig", "IngestConfig", "JobConfig", "MaskConfig",
+           "ParcellateConfig", "SeedConfig", "load_config"]
 
 Strategy = Literal["simple", "scrubbing", "compcor", "ica_aroma", "yeo2011", "24p", "36p",
                    "none"]
@@ -204,6 +204,37 @@ class ClusterConfig(_Section):
         return self
 
 
+def _size(value: Any) -> Any:
+    """A byte size (``"32MiB"``, ``1e6``) checked with dask's parser; None passes."""
+    if value is None:
+        return None
+    from dask.utils import parse_bytes
+
+    try:
+        parse_bytes(value)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"not a byte size: {value!r}") from e
+    return str(value)
+
+
+class IngestConfig(_Section):
+    """How a job ingests its input (when it is not a store yet): :class:`storage.IngestOptions`.
+
+    Changing any of these changes the runs' fingerprints: a re-run re-ingests them.
+    """
+
+    chunk_bytes: str = "32MiB"
+    batch_bytes: str = "128MiB"
+    shard_bytes: str | None = None
+    # a chunk's block over all volumes (float64): match a smaller block_bytes with it
+    series_bytes: str | None = "128MiB"
+    codec: Literal["lz4", "zstd", "lz4hc", "blosclz", "zlib"] = "lz4"
+    clevel: int = Field(1, ge=0, le=9)
+
+    _sizes = field_validator("chunk_bytes", "batch_bytes", "shard_bytes", "series_bytes",
+                             mode="before")(classmethod(lambda cls, v: _size(v)))
+
+
 class ExportConfig(_Section):
     """Optional exports."""
 
@@ -228,6 +259,7 @@ class JobConfig(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
     # largest voxel block x all volumes a task holds (float64): memory per worker thread
     block_bytes: str = "128MiB"
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
     clean: CleanConfig | None = Field(default_factory=CleanConfig)
     mask: MaskConfig = Field(default_factory=MaskConfig)
     parcellate: ParcellateConfig | None = None

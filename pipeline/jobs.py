@@ -385,11 +385,15 @@ class Pipeline:
             try:
                 # region sums in ingestion's own pass when that is all the runs need
                 reducer = label_sums_reducer(cfg)
+                ic = cfg.ingest
                 catalog = storage.ingest(
                     cfg.input, store, client=job.client, storage_options=opts,
                     source_options=opts, subjects=cfg.subjects, sessions=cfg.sessions,
                     tasks=cfg.task, runs=cfg.runs, spaces=cfg.space, progress=on_ingest,
-                    reducers=(reducer,) if reducer is not None else ())
+                    reducers=(reducer,) if reducer is not None else (),
+                    chunk_bytes=ic.chunk_bytes, batch_bytes=ic.batch_bytes,
+                    shard_bytes=ic.shard_bytes, series_bytes=ic.series_bytes,
+                    cname=ic.codec, clevel=ic.clevel)
             except BaseException:
                 for fut in early.values():
                     fut.cancel()

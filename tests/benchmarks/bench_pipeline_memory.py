@@ -12,11 +12,16 @@ The issue's target 4. For one simulated run of 200, 800 and 1600 volumes (same g
 A stage needs whole voxel time series, so a dask block holds *all* volumes of a block of
 voxels: its size grows with the run unless the block of voxels shrinks. ``open_run`` (with
 ``chunks="time"``) splits a stored spatial block whose time series exceed ``block_bytes``
-(default 32 MiB, counted in float64). Three settings are measured on the same run:
+(default 128 MiB, counted in float64). Settings measured on the same run:
 
-* ``defaults``: ingest ``chunk_bytes="32MiB"``, ``open_run`` defaults (blocks split);
-* ``unsplit``: same store, ``open_run(block_bytes="64GiB")``: stored blocks are never split
-  (``open_run``'s behaviour before ``block_bytes`` existed): the block grows with T;
+* ``defaults``: ingest defaults (``chunk_bytes="32MiB"``, ``series_bytes="128MiB"``: long
+  runs get spatial chunks whose time series fit open_run's default ``block_bytes``),
+  ``open_run`` defaults: nothing to split;
+* ``chunk-bytes-only``: ingest with ``series_bytes=None`` (the default before session 5:
+  chunks sized by ``chunk_bytes`` alone), ``open_run`` defaults: blocks of long runs are
+  split, each stored chunk decoded once per part;
+* ``unsplit``: that store with ``open_run(block_bytes="64GiB")``: stored blocks are never
+  split: the block grows with T;
 * ``small-chunks``: a store ingested with ``chunk_bytes`` chosen per run so that a stored
   spatial block times all volumes fits 32 MiB of float64: nothing to split.
 
@@ -111,21 +116,25 @@ def nilearn_peak(run: dict) -> dict:
 
 
 MODES = {
-    # name: (ingest chunk_bytes or None for "no split needed", open_run keyword arguments)
-    "defaults": ("32MiB", {}),
-    "unsplit": ("32MiB", {"block_bytes": "64GiB"}),
-    "small-chunks": (None, {}),
+    # name: (ingest chunk_bytes or None for "no split needed", ingest series_bytes,
+    #        open_run keyword arguments)
+    "defaults": ("32MiB", "128MiB", {}),
+    "chunk-bytes-only": ("32MiB", None, {}),
+    "unsplit": ("32MiB", None, {"block_bytes": "64GiB"}),
+    "small-chunks": (None, None, {}),
 }
 
 
-def ingest_store(root: Path, store: Path, chunk_bytes: int, args) -> None:
+def ingest_store(root: Path, store: Path, chunk_bytes: int, series_bytes: str | None,
+                 args) -> None:
     from distributed import Client, LocalCluster
 
     import storage
 
     shutil.rmtree(store, ignore_errors=True)
     with LocalCluster(**cluster_kwargs(args)) as cluster, Client(cluster) as client:
-        cat = storage.ingest(root, store, client=client, chunk_bytes=chunk_bytes)
+        cat = storage.ingest(root, store, client=client, chunk_bytes=chunk_bytes,
+                             series_bytes=series_bytes)
     assert (cat["status"] == "complete").all(), cat["error"].tolist()
 
 
@@ -203,14 +212,15 @@ def main() -> None:
             nl = nilearn_peak(run)
             stores: dict[int, Path] = {}
             for mode in args.modes.split(","):
-                cb_arg, open_kw = MODES[mode]
+                cb_arg, series, open_kw = MODES[mode]
                 cb = (parse_bytes(cb_arg) if cb_arg is not None
                       else no_split_chunk_bytes(shape, nt, itemsize))
-                if cb not in stores:
-                    stores[cb] = Path(tmp) / f"mem-{nt}-{cb}.zarr"
-                    ingest_store(root, stores[cb], cb, args)
-                bf = boldflow_peak(stores[cb], open_kw, args)
-                rows.append({"nt": nt, "mode": mode, "chunk_bytes": cb, "open_kw": open_kw,
+                if (cb, series) not in stores:
+                    stores[cb, series] = Path(tmp) / f"mem-{nt}-{cb}-{series}.zarr"
+                    ingest_store(root, stores[cb, series], cb, series, args)
+                bf = boldflow_peak(stores[cb, series], open_kw, args)
+                rows.append({"nt": nt, "mode": mode, "chunk_bytes": cb, "series": series,
+                             "open_kw": open_kw,
                              "nl": nl, "bf": bf, "size": math.prod(shape) * nt * itemsize})
             for st in stores.values():
                 shutil.rmtree(st, ignore_errors=True)
@@ -226,8 +236,9 @@ def main() -> None:
           "sampled every 10 ms; nilearn in a fresh process, boldflow on a fresh cluster "
           "(ingest done before, on another cluster)\n")
     print("| volumes | run MB | nilearn peak RSS MB (before) | nilearn s | boldflow mode: "
-          "ingest chunk_bytes, open_run | on-disk chunk | block a stage sees (MB f32 / widest "
-          "f64 masked MB) | reads per stored chunk | boldflow peak RSS per worker MB (before) "
+          "ingest chunk_bytes, series_bytes, open_run | on-disk chunk | block a stage sees "
+          "(MB f32 / widest f64 masked MB) | reads per stored chunk | "
+          "boldflow peak RSS per worker MB (before) "
           "| worst worker / nilearn | boldflow s | worker CPU s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -236,7 +247,8 @@ def main() -> None:
         kw = ", ".join(f"{k}={v!r}" for k, v in r["open_kw"].items()) or "defaults"
         print(f"| {r['nt']} | {r['size'] / MB:.0f} | {nl['peak'] / MB:.0f} "
               f"({nl['before'] / MB:.0f}) | {nl['wall']:.1f} | {r['mode']}: "
-              f"{r['chunk_bytes'] / 2**20:.1f} MiB, {kw} | {bf['disk']} | {bf['block'][:3]} x "
+              f"{r['chunk_bytes'] / 2**20:.1f} MiB, {r['series']}, {kw} | {bf['disk']} | "
+              f"{bf['block'][:3]} x "
               f"{bf['block'][3]}, {bf['n_blocks']} blocks ({bf['block_mb']:.0f} / "
               f"{bf['masked_mb']:.0f}) | {bf['reads']:.1f} | {peaks} ({bf['before'] / MB:.0f}) | "
               f"{max(bf['peaks']) / nl['peak']:.0%} | {bf['wall']:.1f} | {bf['cpu']:.1f} |")

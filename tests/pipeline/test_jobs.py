@@ -61,6 +61,12 @@ def test_unknown_and_invalid_keys_name_their_path(tmp_path):
                      "clean": {"high_pass": 0.1, "low_pass": 0.05}})
     with pytest.raises(ConfigError, match="connectivity needs a parcellate"):
         load_config({"input": "x", "output": "y", "connectivity": {}})
+    with pytest.raises(ConfigError) as err:
+        load_config({"input": "x", "output": "y",
+                     "ingest": {"chunk_bytes": "lots", "codec": "gzip", "chunks": 1}})
+    for where in ("ingest.chunk_bytes: Value error, not a byte size: 'lots'",
+                  "ingest.codec", "ingest.chunks: unknown key"):
+        assert where in str(err.value)
     path = tmp_path / "job.yaml"
     path.write_text("input: derivs\noutput: out\nparcellate: {atlas: a.nii.gz, name: x}\n")
     cfg = load_config(path)
@@ -350,3 +356,21 @@ def test_group_mask_job_equals_region_means_on_the_intersection(tmp_path, sim, c
         ref = label_signals(ds, atlas, mask=mask)
         np.testing.assert_allclose(ours.to_numpy(float), ref.values, rtol=1e-6,
                                    equal_nan=True)
+
+
+def test_ingest_section_sets_the_store_layout(tmp_path, sim, client):
+    """The job's ``ingest:`` options are the store's: chunks, codec; results unchanged."""
+    import zarr
+
+    job = _job(sim, tmp_path / "out", subjects=["01", "02"],
+               ingest={"chunk_bytes": "64KiB", "series_bytes": None, "codec": "zstd"})
+    result = Pipeline(job).submit(client).result()
+    assert (result.runs["status"] == "complete").all(), result.runs["error"].tolist()
+    root = zarr.open_group(str(tmp_path / "out" / "boldflow.zarr"), mode="r")
+    group = next(g for g in root.group_keys() if g.startswith("sub-01"))
+    arr = next(iter(root[group].group_values()))["bold"]
+    assert 4 * np.prod(arr.chunks) <= 64 * 1024
+    assert arr.compressors[0].cname.value == "zstd"
+    ref = Pipeline(_job(sim, tmp_path / "ref", subjects=["01", "02"])).submit(client).result()
+    np.testing.assert_allclose(result.matrices["pearson"].values,
+                               ref.matrices["pearson"].values, rtol=1e-9, atol=1e-12)
