@@ -54,17 +54,17 @@ import pandas as pd
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Sampler
+from _common import _worker_cpu as worker_cpu
 from bench_pipeline import (
     CLEAN,
     CONFOUNDS,
     MB,
-    Sampler,
     _install_read_counter,
     _pop_read_count,
     find_runs,
     machine_facts,
     no_split_chunk_bytes,
-    worker_cpu,
 )
 
 
