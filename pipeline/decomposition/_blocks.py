@@ -27,11 +27,6 @@ def block_gram(block: np.ndarray) -> np.ndarray:
     return (block @ block.T)[:, :, None]
 
 
-def block_cross(w_block: np.ndarray, y_block: np.ndarray) -> np.ndarray:
-    """``[w; y] @ y.T`` of one voxel block, with a trailing length-1 axis."""
-    return np.concatenate([w_block @ y_block.T, y_block @ y_block.T])[:, :, None]
-
-
 def demean_block(block: np.ndarray) -> np.ndarray:
     """One ``(time, voxel)`` block minus each voxel's temporal mean (a new array)."""
     return block - block.mean(axis=0)
@@ -50,6 +45,84 @@ def vn_scale_block(y: np.ndarray, u: np.ndarray) -> np.ndarray:
     ss = np.einsum("ij,ij->j", y, y) - np.einsum("ij,ij->j", p, p)
     std = np.sqrt(np.clip(ss, 0.0, None) / max(y.shape[0] - 1, 1))
     return y / np.maximum(std, VN_FLOOR)
+
+
+def _read_rows(src: Any, c0: int, c1: int, u: np.ndarray | None) -> np.ndarray:
+    """Columns ``c0:c1`` of a scratch part (a Zarr array, or the block itself in memory
+    mode) as float64, robustly variance-normalised with ``u`` when given."""
+    blk = src if isinstance(src, np.ndarray) else src[:, c0:c1]
+    blk = np.asarray(blk, dtype=np.float64)
+    return blk if u is None else vn_scale_block(blk, u)
+
+
+def migp_first_block(x: np.ndarray, target: Any, c0: int, c1: int, gram: bool
+                     ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """MIGP's first pass over one ``(time, voxel)`` block of a subject.
+
+    The block is demeaned (each voxel over time) and written to columns ``c0:c1`` of
+    ``target`` (a Zarr array); with ``target=None`` (memory mode) it is returned instead.
+
+    Returns
+    -------
+    (numpy.ndarray or None, numpy.ndarray or None)
+        The demeaned block (None when written) and, when ``gram``, its ``time x time``
+        Gram matrix (one term of the sum over blocks).
+    """
+    d = demean_block(np.asarray(x, dtype=np.float64))
+    g = d @ d.T if gram else None
+    if target is None:
+        return d, g
+    target[:, c0:c1] = d.astype(target.dtype, copy=False)
+    return None, g
+
+
+def migp_step_block(c0: int, c1: int, z_parts: list[tuple[Any, np.ndarray | None]],
+                    ut: np.ndarray | None, target: Any,
+                    y_next: tuple[Any, np.ndarray | None] | None
+                    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """One MIGP round on voxel columns ``c0:c1``: a reduction and the next cross products.
+
+    ``z_parts`` are the row blocks of ``Z`` (``(source, u)``: a scratch part and its
+    variance-normalisation basis, or None). With ``ut`` (``(n, rows of Z)``) the block of
+    ``W' = ut @ Z`` is computed (as a sum of per-part products: ``Z`` is never
+    concatenated) and written to ``target`` (Zarr; returned when ``target`` is None);
+    without, ``W' = Z``. With ``y_next`` (the next subject's part), the cross products
+    ``[W'; y] @ y.T`` of the block are returned: with ``W' W'^T`` known they complete the
+    Gram matrix of ``[W'; y]``. Each part is read once; at most ``Z``, ``W'`` and ``y``
+    blocks are held.
+
+    Returns
+    -------
+    (numpy.ndarray or None, numpy.ndarray or None)
+        The ``W'`` block when it is not written (memory mode, or the final projection) and
+        the cross products (None without ``y_next``).
+    """
+    blocks = [_read_rows(src, c0, c1, u) for src, u in z_parts]
+    if ut is not None:
+        new = None
+        r0 = 0
+        for b in blocks:
+            r1 = r0 + b.shape[0]
+            if new is None:
+                new = ut[:, r0:r1] @ b
+            else:
+                new += ut[:, r0:r1] @ b
+            r0 = r1
+        left = [new]
+        del blocks
+    else:
+        new, left = None, blocks
+    cross = None
+    if y_next is not None:
+        y = _read_rows(y_next[0], c0, c1, y_next[1])
+        yt = y.T
+        cross = np.concatenate([b @ yt for b in left] + [y @ yt])
+        del y, yt
+    del left
+    if new is not None and target is not None:
+        target[:, c0:c1] = new.astype(target.dtype, copy=False)
+        new = None
+    return new, cross
 
 
 # ------------------------------------------------------------------------------ PCA

@@ -73,11 +73,10 @@ from sklearn.utils import check_random_state
 from threadpoolctl import threadpool_limits
 
 from ._blocks import VN_FLOOR
-from ._blocks import block_cross as _block_cross
 from ._blocks import block_gram as _block_gram
-from ._blocks import demean_block as _demean_block
 from ._blocks import ica_fun as _ica_fun
-from ._blocks import vn_scale_block as _vn_scale_block
+from ._blocks import migp_first_block as _migp_first_block
+from ._blocks import migp_step_block as _migp_step_block
 from .pca import _sign_flip as _flip_rows  # each row's largest-magnitude entry positive
 
 __all__ = ["MIGP", "GroupICA"]
@@ -275,6 +274,17 @@ class _Scratch:
         it = iter(values)
         return readers, [None if o is None else np.asarray(next(it)) for o in others]
 
+    def create(self, name: str, rows: int, n_voxels: int, block: int,
+               dtype: Any = np.float64) -> Any:
+        """An empty ``(rows, n_voxels)`` Zarr array in column chunks of ``block`` voxels,
+        that tasks write whole chunks of (None in ``"memory"`` mode)."""
+        if self.group is None:
+            return None
+        return self.group.create_array(name=name, shape=(rows, n_voxels), dtype=dtype,
+                                       chunks=(rows, block), compressors=None,
+                                       fill_value=0.0, overwrite=True,
+                                       config={"write_empty_chunks": True})
+
     def reopen(self, name: str, chunks: tuple[int, int]) -> da.Array | None:
         """A lazy reader of the stored array ``name`` with other dask chunks (None in
         ``"memory"`` mode)."""
@@ -381,20 +391,6 @@ def _gram(x: da.Array) -> np.ndarray:
     return np.asarray(_gram_lazy(x).compute())
 
 
-def _cross_gram_lazy(w: da.Array, y: da.Array) -> da.Array:
-    """``[w; y] @ y.T`` (``(rows_w + rows_y) x rows_y``) summed over voxel blocks, lazily.
-
-    With the known Gram matrix of ``w`` this completes the Gram matrix of ``[w; y]``
-    without recomputing ``w @ w.T``.
-    """
-    w, y = w.rechunk({0: -1}), y.rechunk({0: -1})
-    n_w, n_y = w.shape[0], y.shape[0]
-    parts = da.blockwise(_block_cross, "ijb", w, "kb", y, "lb",
-                         new_axes={"i": n_w + n_y, "j": n_y}, adjust_chunks={"b": 1},
-                         concatenate=True, dtype=np.float64)
-    return parts.sum(axis=2)
-
-
 def _top_eigh(gram: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``n`` largest eigenvalues (descending, clipped at 0) and their eigenvectors.
 
@@ -417,31 +413,6 @@ def _project(basis_t: np.ndarray, x: da.Array) -> da.Array:
     return da.from_array(np.asarray(basis_t, dtype=np.float64), chunks=-1) @ x
 
 
-def _demeaned(x: da.Array, variance_normalize: bool) -> tuple[da.Array, da.Array | None]:
-    """Lazily demeaned subject data and, when variance normalisation is asked for, the
-    lazy Gram matrix of the demeaned data (from which :func:`_vn_apply` gets the top
-    temporal components)."""
-    d = x.map_blocks(_demean_block, dtype=np.float64)
-    if not variance_normalize or min(_VN_COMPONENTS, x.shape[0] // 2) < 1:
-        return d, None
-    return d, _gram_lazy(d)
-
-
-def _vn_apply(d: da.Array, gram: np.ndarray | None) -> da.Array:
-    """Demeaned data ``d`` robustly variance-normalised, lazily (``d`` itself without a
-    Gram matrix).
-
-    The noise std of each voxel is the std (ddof=1) of its residual after removing the top
-    ``min(30, T // 2)`` temporal components of the demeaned data (eigenvectors of the
-    ``T x T`` Gram matrix, computed over voxel blocks in one pass), floored at 0.001, as the
-    variance normalisation of MIGP/MELODIC (Smith et al. 2014).
-    """
-    if gram is None:
-        return d
-    _, u = _top_eigh(gram, min(_VN_COMPONENTS, d.shape[0] // 2))
-    return d.map_blocks(_vn_scale_block, u=u, dtype=np.float64)
-
-
 def _blas_threads(size: int) -> threadpool_limits:
     """One BLAS thread for small in-memory problems (threads only add overhead there and
     contend with Dask's worker threads); no limit for large ones."""
@@ -452,6 +423,117 @@ def _blas_threads(size: int) -> threadpool_limits:
 # ------------------------------------------------------------------------------------------
 # MIGP
 # ------------------------------------------------------------------------------------------
+def _graph_value(value: Any) -> Any:
+    """``value`` as one graph key (a Delayed) shared by the tasks that take it: a small
+    array sent once, not once per task; a Zarr array (a dataclass) not traversed field by
+    field for collections each time a task is built."""
+    if value is None:
+        return None
+    return dask.delayed(value, name=f"migp-value-{uuid.uuid4().hex}", traverse=False)
+
+
+class _Part:
+    """Rows of MIGP's running ``Z = [W; Y_s]``: a scratch array or its blocks.
+
+    ``src`` is a Zarr array (read and written by the tasks themselves, one whole chunk per
+    voxel block) or, in ``"memory"`` mode, the list of the persisted blocks. ``vn``: the
+    variance-normalisation basis (one shared graph key) applied to the rows when read
+    (a subject's demeaned copy), or None (a reduced ``W``).
+    """
+
+    def __init__(self, name: str, rows: int, src: Any, vn: Any = None) -> None:
+        self.name, self.rows, self.vn = name, rows, vn
+        self.src = src if isinstance(src, list) else _graph_value(src)
+
+    def at(self, i: int) -> tuple[Any, Any]:
+        """``(source, basis)`` of voxel block ``i``, as the block kernels take it."""
+        return (self.src[i] if isinstance(self.src, list) else self.src), self.vn
+
+
+class _MIGPRounds:
+    """MIGP's passes over voxel blocks, one compute (scheduling round) each.
+
+    Each task handles one voxel block and reads and writes the scratch itself (no
+    ``(rows, block)`` array moves between tasks or workers): only small matrices (Gram and
+    cross products, the bases) are graph data. Sums over blocks are taken here in block
+    order, so the results do not depend on the scheduler or the number of workers.
+    """
+
+    def __init__(self, scratch: _Scratch, n_voxels: int, block: int,
+                 cols: list[tuple[int, int]]) -> None:
+        self.scratch, self.n_voxels, self.block, self.cols = scratch, n_voxels, block, cols
+
+    def _compute(self, tasks: list[Any]) -> list[tuple[Any, Any]]:
+        """Run tasks returning ``(block or None, small or None)``; in memory mode the
+        blocks stay in the cluster (persisted, returned as lazy keys)."""
+        if not tasks:
+            return []
+        if not self.scratch.memory:
+            return list(dask.compute(*tasks))
+        persisted = dask.persist(*tasks)
+        small = dask.compute(*[t[1] for t in persisted])
+        return [(t[0], s) for t, s in zip(persisted, small, strict=True)]
+
+    def run(self, *, upcoming: tuple[str, da.Array] | None, vn: bool,
+            z_parts: list[_Part], ut: np.ndarray | None, new_w: str | None, d_int: int,
+            y_next: _Part | None) -> tuple[_Part | None, tuple[_Part | None, Any]]:
+        """One round: the first pass of ``upcoming`` (``(name, data)``) and, per block,
+        ``W' = ut @ Z`` written as ``new_w`` (when ``ut`` is given; else ``W' = Z``) with
+        the cross products ``[W'; y] y^T`` of ``y_next``.
+
+        Returns
+        -------
+        (_Part or None, (_Part or None, numpy.ndarray or None))
+            The upcoming subject's part (demeaned copy, with its VN basis); the new ``W``
+            part and the summed cross products.
+        """
+        first = []
+        if upcoming is not None:
+            name, x = upcoming
+            t = x.shape[0]
+            gram = vn and min(_VN_COMPONENTS, t // 2) >= 1
+            x_target = self.scratch.create(name, t, self.n_voxels, self.block)
+            x_key = _graph_value(x_target)
+            first = [dask.delayed(_migp_first_block, pure=False)(blk, x_key, c0, c1, gram)
+                     for blk, (c0, c1) in zip(x.to_delayed().ravel(), self.cols,
+                                              strict=True)]
+        steps = []
+        if ut is not None or y_next is not None:
+            w_target = (self.scratch.create(new_w, d_int, self.n_voxels, self.block)
+                        if ut is not None else None)
+            ut_key = None if ut is None else _graph_value(np.ascontiguousarray(ut))
+            w_key = _graph_value(w_target)
+            steps = [dask.delayed(_migp_step_block, pure=False)(
+                c0, c1, [p.at(i) for p in z_parts], ut_key, w_key,
+                None if y_next is None else y_next.at(i))
+                for i, (c0, c1) in enumerate(self.cols)]
+        out = self._compute([*first, *steps])
+        first_out, step_out = out[:len(first)], out[len(first):]
+        x_part = None
+        if upcoming is not None:
+            vn_key = None
+            if gram:
+                g = sum(r[1] for r in first_out)
+                _, u = _top_eigh(g, min(_VN_COMPONENTS, t // 2))
+                vn_key = _graph_value(np.ascontiguousarray(u))
+            x_part = _Part(name, t, x_target if x_target is not None
+                           else [r[0] for r in first_out], vn_key)
+        w_part = None
+        if ut is not None:
+            w_part = _Part(new_w, d_int, w_target if w_target is not None
+                           else [r[0] for r in step_out])
+        cross = None if y_next is None else sum(r[1] for r in step_out)
+        return x_part, (w_part, cross)
+
+    def project(self, z_parts: list[_Part], ut: np.ndarray) -> np.ndarray:
+        """``ut @ Z`` (few rows: the output), computed block by block, in memory."""
+        ut_key = _graph_value(np.ascontiguousarray(ut))
+        tasks = [dask.delayed(_migp_step_block, pure=False)(
+            c0, c1, [p.at(i) for p in z_parts], ut_key, None, None)
+            for i, (c0, c1) in enumerate(self.cols)]
+        return np.concatenate([r[0] for r in dask.compute(*tasks)], axis=1)
+
+
 class MIGP(BaseEstimator):
     """MELODIC's Incremental Group-PCA, streamed over subjects with bounded memory.
 
@@ -517,16 +599,20 @@ class MIGP(BaseEstimator):
     else of a final reduction (so that the last subjects count even when they did not
     trigger one; Smith et al. take the top rows of ``W`` as it is).
 
-    Each subject's data are read (and cleaned) once, in a pass that writes them to
-    ``workdir`` and computes the Gram matrix of the variance normalisation; a second pass
-    over that copy sums the cross products ``[W; Y_s] Y_s^T`` (``W W^T`` is known,
-    ``diag`` of the eigenvalues after a reduction); each reduction then reads ``W`` and the
-    copy once more to write ``U^T [W; Y_s]``, in the same compute as the next subject's
-    first pass. So two scheduling rounds per subject, each returning a ``rows x rows``
-    matrix or writing blocks: per-process memory is a few ``(d_internal + T, block_size)``
-    blocks, whatever ``n_voxels`` and the number of subjects. The small eigendecompositions
-    run in the
-    calling process on one BLAS thread.
+    The passes are pipelined, one scheduling round (compute) per subject, each voxel block
+    in one task per kind of work that reads and writes the scratch arrays itself (no block
+    moves between tasks or workers): in round ``r``, subject ``r`` is read (and cleaned)
+    once, demeaned, written to ``workdir`` with the Gram matrix of its variance
+    normalisation summed over blocks; subject ``r - 1`` (whose normalisation is then known,
+    applied to its copy as it is read) gives the cross products ``[W; Y_s] Y_s^T``
+    (``W W^T`` is known: ``diag`` of the eigenvalues after a reduction), in the same task
+    as the reduction of subject ``r - 2``, ``W <- U^T [W; Y]``, whose block is written and
+    used at once. So ``W`` is read once and written once per reduction, each subject's copy
+    written once and read twice; the last reduction computes only the ``n_components``
+    output rows. Per task: a few ``(d_internal + T, block_size)`` blocks, whatever
+    ``n_voxels`` and the number of subjects. Sums over blocks are taken in block order (the
+    same numbers for any scheduler or worker count). The small eigendecompositions run in
+    the calling process on one BLAS thread.
     """
 
     def __init__(self, n_components: int, *, d_internal: int | None = None,
@@ -566,11 +652,11 @@ class MIGP(BaseEstimator):
         rows_seen: list[int] = []
         voxels: _Voxels | None = None
         d_int = block = 0
+        cols: list[tuple[int, int]] = []
 
-        def prepare(entry: tuple[int, Any] | None
-                    ) -> tuple[int, da.Array, da.Array | None] | None:
-            """Open a subject: ``(position, data, lazy Gram of its first pass)``."""
-            nonlocal voxels, d_int, block
+        def prepare(entry: tuple[int, Any] | None) -> tuple[int, da.Array] | None:
+            """Open a subject: ``(position, data in (time, block) chunks)``."""
+            nonlocal voxels, d_int, block, cols
             if entry is None:
                 return None
             position, item = entry
@@ -581,72 +667,69 @@ class MIGP(BaseEstimator):
                 d_int = int(self.d_internal) if self.d_internal else 2 * t
                 d_int = max(d_int, k)
                 block = _block_size(self.block_size, d_int + t, n_vox)
+                cols = [(c0, min(c0 + block, n_vox)) for c0 in range(0, n_vox, block)]
             else:
                 voxels.check(template, n_vox, position)
-            return (position,
-                    *_demeaned(x.rechunk((-1, block)), self.variance_normalize))
+            return position, x.rechunk((-1, block))
 
-        w: da.Array | None = None
-        w_gram: np.ndarray | None = None  # W W^T, known without another pass over W
-        w_vals: np.ndarray | None = None
-        live: list[str] = []
         subjects_iter = _shuffled(subjects, rng, max(1, int(self.shuffle_buffer)))
         with _Scratch(self.workdir, self.storage_options) as scratch:
-            current = prepare(next(subjects_iter, None))
-            if current is None:
+            upcoming = prepare(next(subjects_iter, None))
+            if upcoming is None:
                 raise ValueError("no subject given")
-            # Each subject's data are read (and cleaned) once: written to the scratch with,
-            # in the same pass, the Gram matrix of its variance normalisation; the passes
-            # that follow read the scratch copy.
-            position, x, first_pass = current
-            stored, (vn_gram,) = scratch.put_many({"x0": x}, block, [first_pass])
-            x_s = stored["x0"]
+            rounds = _MIGPRounds(scratch, voxels.n_voxels, block, cols)
+            w_parts: list[_Part] = []  # W's rows: [W] after a reduction, else subjects
+            w_gram = np.zeros((0, 0))  # W W^T, known without another pass over W
+            pending: tuple[list[_Part], np.ndarray, np.ndarray] | None = None
+            current: tuple[int, _Part] | None = None
             step = 0
-            while True:
-                # Per subject, two more passes (computes): (1) the cross products
-                # [W; Y_s] Y_s^T (W W^T is known), Y_s the normalised scratch copy; (2) when
-                # reducing, W <- U^T [W; Y_s] written and, in the same pass, the next
-                # subject read, written to the scratch and its Gram matrix computed.
-                live.append(f"x{step}")
-                y = _vn_apply(x_s, vn_gram)
-                if w is None:
-                    z_gram, z = np.asarray(_gram_lazy(y).compute()), y
-                else:
-                    cross = np.asarray(_cross_gram_lazy(w, y).compute())
-                    n_w = w.shape[0]
+            # One compute per round, each voxel block in one task of each kind: the first
+            # pass of the upcoming subject (read, clean, demean, write, VN Gram); the
+            # reduction decided in the previous round (W <- U^T [W; Y], written); and the
+            # cross products [W; Y] Y^T of the current subject (read in the previous round).
+            while upcoming is not None or current is not None:
+                new_w = f"w{step}" if pending is not None else None
+                first, crossed = rounds.run(
+                    upcoming=None if upcoming is None else (f"x{step}", upcoming[1]),
+                    vn=self.variance_normalize,
+                    z_parts=pending[0] if pending is not None else w_parts,
+                    ut=None if pending is None else pending[1], new_w=new_w, d_int=d_int,
+                    y_next=None if current is None else current[1])
+                if pending is not None:
+                    w_parts, w_gram = [crossed[0]], np.diag(pending[2])  # U^T Z Z^T U
+                    for part in pending[0]:
+                        scratch.drop(part.name)
+                    pending = None
+                if current is not None:
+                    position, y_part = current
+                    cross = crossed[1]
+                    n_w = w_gram.shape[0]
                     z_gram = np.block([[w_gram, cross[:n_w]], [cross[:n_w].T, cross[n_w:]]])
-                    z = da.concatenate([w, y], axis=0)
-                upcoming = prepare(next(subjects_iter, None))
-                name_next = f"x{step + 1}"
-                new = {} if upcoming is None else {name_next: upcoming[1]}
-                others = [None if upcoming is None else upcoming[2]]
-                if z.shape[0] > d_int:
-                    w_vals, vecs = _top_eigh(z_gram, d_int)
-                    name = f"w{step}"
-                    stored, (vn_gram,) = scratch.put_many(
-                        {name: _project(vecs.T, z), **new}, block, others)
-                    w = stored[name]
-                    w_gram = np.diag(w_vals)  # U^T Z Z^T U
-                    for old in live:
-                        scratch.drop(old)
-                    live = [name]
-                else:
-                    w, w_gram, w_vals = z, z_gram, None
-                    stored, (vn_gram,) = scratch.put_many(new, block, others)
-                order.append(position)
-                rows_seen.append(int(w.shape[0]))
-                if upcoming is None:
-                    break
-                position, x_s = upcoming[0], stored[name_next]
+                    z_parts = [*w_parts, y_part]
+                    if z_gram.shape[0] > d_int:
+                        vals, vecs = _top_eigh(z_gram, d_int)
+                        pending = (z_parts, vecs.T, vals)
+                        rows_seen.append(d_int)
+                    else:
+                        w_parts, w_gram = z_parts, z_gram
+                        rows_seen.append(z_gram.shape[0])
+                    order.append(position)
+                    current = None
+                if upcoming is not None:
+                    current = (upcoming[0], first)
+                    upcoming = prepare(next(subjects_iter, None))
                 step += 1
-            if w.shape[0] < k:
-                raise ValueError(f"n_components={k} exceeds the {w.shape[0]} rows of the "
-                                 "group data")
-            if w_vals is not None:  # just reduced: W W^T = diag(w_vals), rows in order
-                vals, comps = w_vals[:k], np.asarray(w[:k].compute())
+            # The output: the top k rows of U^T Z of the last reduction (only these k
+            # rows are computed), else of a final reduction of W.
+            if pending is not None:
+                z_parts, ut, vals = pending[0], pending[1][:k], pending[2][:k]
             else:
+                if w_gram.shape[0] < k:
+                    raise ValueError(f"n_components={k} exceeds the {w_gram.shape[0]} rows "
+                                     "of the group data")
                 vals, vecs = _top_eigh(w_gram, k)
-                comps = np.asarray(_project(vecs.T, w).compute())
+                z_parts, ut = w_parts, vecs.T
+            comps = rounds.project(z_parts, ut)
         self.components_ = _flip_rows(comps)
         self.singular_values_ = np.sqrt(vals)
         self.d_internal_ = d_int

@@ -203,6 +203,40 @@ def test_migp_generator_callables_and_voxel_check(synthetic, migp_ica):
         MIGP(8).fit(subjects[0])
 
 
+def _reference_migp(ys, d_int: int, k: int, variance_normalize: bool = True):
+    """MIGP in memory, as Smith et al. (2014) write it: ``(singular values, eigenmaps)``."""
+    w = None
+    for y in ys:
+        y = _reference_vn(y) if variance_normalize else y - y.mean(axis=0)
+        w = y if w is None else np.vstack([w, y])
+        if w.shape[0] > d_int:
+            vecs = np.linalg.eigh(w @ w.T)[1][:, ::-1][:, :d_int]
+            w = vecs.T @ w
+    _, sv, vt = np.linalg.svd(w, full_matrices=False)
+    maps = vt[:k] * sv[:k, None]
+    idx = np.abs(maps).argmax(axis=1)
+    return sv[:k], maps * np.sign(maps[np.arange(k), idx])[:, None]
+
+
+@pytest.mark.parametrize(("d_int", "variance_normalize", "block", "workdir"), [
+    (None, True, None, None),  # reduces at every subject from the third on
+    (100, True, 256, "memory"),  # d_int not a multiple of T, persisted blocks
+    (250, True, 333, None),  # never reduces: a final reduction of [Y_1; ...; Y_4]
+    (70, False, 1000, None),  # no variance normalisation, a ragged last block
+])
+def test_migp_equals_in_memory_migp(d_int, variance_normalize, block, workdir):
+    """Same eigenmaps and singular values as the in-memory algorithm, to rounding, for
+    every path (pipelined reductions, no reduction, memory mode, no VN)."""
+    _, subjects = _synthetic(n_subjects=4, n_time=60, n_voxels=2300, chunk=500)
+    m = MIGP(5, d_internal=d_int, variance_normalize=variance_normalize, block_size=block,
+             workdir=workdir, random_state=3).fit(subjects)
+    ys = [subjects[i].values for i in m.subject_order_]
+    sv, maps = _reference_migp(ys, m.d_internal_, 5, variance_normalize)
+    np.testing.assert_allclose(m.singular_values_, sv, rtol=1e-10)
+    np.testing.assert_allclose(m.components_, maps, rtol=0, atol=1e-8 * np.abs(maps).max())
+    assert m.w_rows_ == [min(60 * (i + 1), m.d_internal_) for i in range(4)]
+
+
 def test_migp_memory_is_bounded_by_blocks_not_voxels(tmp_path):
     """Peak traced allocation of MIGP.fit stays far below one (d_int + T) x V array
     (blocks of 80 x 1024 voxels, 100,000 voxels).
