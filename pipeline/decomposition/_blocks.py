@@ -13,6 +13,8 @@ for number).
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -32,35 +34,110 @@ def demean_block(block: np.ndarray) -> np.ndarray:
     return block - block.mean(axis=0)
 
 
-def vn_scale_block(y: np.ndarray, u: np.ndarray) -> np.ndarray:
+def vn_scale_block(y: np.ndarray, u: np.ndarray, out: np.ndarray | None = None
+                   ) -> np.ndarray:
     """A demeaned ``(time, voxel)`` block divided by each voxel's robust noise std.
 
     The noise std of a voxel is the std (ddof=1) of its series after removing its
     projection on the columns of ``u`` (``(time, n)``, orthonormal), floored at
     :data:`VN_FLOOR`. With orthonormal ``u`` the residual's sum of squares is
     ``|y|^2 - |u^T y|^2``: no block-sized residual is formed (the result differs from
-    forming it by rounding only).
+    forming it by rounding only). ``out``: where to write the result (may be ``y``).
     """
     p = u.T @ y
     ss = np.einsum("ij,ij->j", y, y) - np.einsum("ij,ij->j", p, p)
     std = np.sqrt(np.clip(ss, 0.0, None) / max(y.shape[0] - 1, 1))
-    return y / np.maximum(std, VN_FLOOR)
+    return np.divide(y, np.maximum(std, VN_FLOOR), out=out)
 
 
-def _read_rows(src: Any, c0: int, c1: int, u: np.ndarray | None) -> np.ndarray:
-    """Columns ``c0:c1`` of a scratch part (a Zarr array, or the block itself in memory
-    mode) as float64, robustly variance-normalised with ``u`` when given."""
-    blk = src if isinstance(src, np.ndarray) else src[:, c0:c1]
-    blk = np.asarray(blk, dtype=np.float64)
-    return blk if u is None else vn_scale_block(blk, u)
+_LOCAL = threading.local()
 
 
-def migp_first_block(x: np.ndarray, target: Any, c0: int, c1: int, gram: bool
+def _buffer(owner: str, slot: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float64 array of ``shape`` reused by the next tasks of ``owner`` on this thread.
+
+    Fresh block-sized arrays cost page faults (Dask's worker processes return freed
+    memory to the system at once): reading into, and multiplying into, the same few
+    buffers halves the CPU time of a read. A thread keeps one owner's buffers (a few
+    ``(rows, block)`` blocks); a task of another owner (another fit) drops them, and
+    :func:`release_buffers` frees them. Never returned from a task.
+    """
+    if getattr(_LOCAL, "owner", None) != owner:
+        _LOCAL.owner, _LOCAL.bufs = owner, {}
+    n = int(np.prod(shape))
+    buf = _LOCAL.bufs.get(slot)
+    if buf is None or buf.size < n:
+        buf = _LOCAL.bufs[slot] = np.empty(n)
+    return buf[:n].reshape(shape)
+
+
+def release_buffers() -> None:
+    """Free this thread's reused buffers (:func:`_buffer`)."""
+    _LOCAL.owner, _LOCAL.bufs = None, {}
+
+
+def _chunk_file(z: Any, c0: int, c1: int) -> str | None:
+    """Path of the chunk file holding columns ``c0:c1`` of a local, uncompressed,
+    ``(rows, block)``-chunked Zarr v3 float64 array, or None (then zarr reads it)."""
+    try:
+        from zarr.codecs import BytesCodec
+        from zarr.storage import LocalStore
+
+        meta = z.metadata
+        if not isinstance(z.store, LocalStore) or meta.zarr_format != 3 \
+                or getattr(z, "shards", None) is not None or meta.storage_transformers \
+                or len(meta.codecs) != 1 or type(meta.codecs[0]) is not BytesCodec \
+                or np.dtype(z.dtype) != np.dtype("<f8") or len(z.chunks) != 2:
+            return None
+        rows, block = (int(n) for n in z.chunks)
+        if rows != z.shape[0] or c0 % block or c1 - c0 > block:
+            return None
+        key = meta.encode_chunk_key((0, c0 // block))
+        return os.path.join(str(z.store.root), *(z.path.split("/") if z.path else ()),
+                            *key.split("/"))
+    except Exception:  # another zarr layout or version: zarr's own read is always right
+        return None
+
+
+def _read_rows(src: Any, c0: int, c1: int, u: np.ndarray | None, owner: str | None = None,
+               slot: str = "") -> np.ndarray:
+    """Columns ``c0:c1`` of a scratch part as float64, robustly variance-normalised with
+    ``u`` when given.
+
+    ``src`` is a Zarr array or, in memory mode, the block itself (never modified). With an
+    ``owner``, a whole chunk of a local array is read straight into a reused buffer (the
+    file is the raw chunk: one copy from the page cache, where zarr's read allocates and
+    copies twice) and normalised in place.
+    """
+    if isinstance(src, np.ndarray):
+        blk = np.asarray(src, dtype=np.float64)
+        return blk if u is None else vn_scale_block(blk, u)
+    path = None if owner is None else _chunk_file(src, c0, c1)
+    blk = None
+    if path is not None:
+        rows, block = (int(n) for n in src.chunks)
+        buf = _buffer(owner, slot, (rows, block))
+        try:
+            with open(path, "rb", buffering=0) as f:
+                size = f.readinto(memoryview(buf).cast("B"))
+            if size == buf.nbytes:
+                blk = buf[:, :c1 - c0]
+        except FileNotFoundError:  # never written: the fill value, as zarr reads it
+            pass
+    if blk is None:
+        blk = np.asarray(src[:, c0:c1], dtype=np.float64)
+        return blk if u is None else vn_scale_block(blk, u, out=blk)
+    return blk if u is None else vn_scale_block(blk, u, out=blk)
+
+
+def migp_first_block(x: np.ndarray, target: Any, c0: int, c1: int, gram: bool,
+                     owner: str | None = None
                      ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """MIGP's first pass over one ``(time, voxel)`` block of a subject.
 
     The block is demeaned (each voxel over time) and written to columns ``c0:c1`` of
-    ``target`` (a Zarr array); with ``target=None`` (memory mode) it is returned instead.
+    ``target`` (a Zarr array; through a reused buffer for an ``owner``, see
+    :func:`_buffer`); with ``target=None`` (memory mode) it is returned instead.
 
     Returns
     -------
@@ -68,18 +145,22 @@ def migp_first_block(x: np.ndarray, target: Any, c0: int, c1: int, gram: bool
         The demeaned block (None when written) and, when ``gram``, its ``time x time``
         Gram matrix (one term of the sum over blocks).
     """
-    d = demean_block(np.asarray(x, dtype=np.float64))
+    x = np.asarray(x, dtype=np.float64)
+    if target is None or owner is None:
+        d = demean_block(x)
+    else:
+        d = np.subtract(x, x.mean(axis=0), out=_buffer(owner, "x", x.shape))
     g = d @ d.T if gram else None
     if target is None:
         return d, g
-    target[:, c0:c1] = d.astype(target.dtype, copy=False)
+    target[:, c0:c1] = d
     return None, g
 
 
 def migp_step_block(c0: int, c1: int, z_parts: list[tuple[Any, np.ndarray | None]],
                     ut: np.ndarray | None, target: Any,
-                    y_next: tuple[Any, np.ndarray | None] | None
-                    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+                    y_next: tuple[Any, np.ndarray | None] | None, owner: str | None = None,
+                    release: bool = False) -> tuple[np.ndarray | None, np.ndarray | None]:
     """One MIGP round on voxel columns ``c0:c1``: a reduction and the next cross products.
 
     ``z_parts`` are the row blocks of ``Z`` (``(source, u)``: a scratch part and its
@@ -89,7 +170,8 @@ def migp_step_block(c0: int, c1: int, z_parts: list[tuple[Any, np.ndarray | None
     without, ``W' = Z``. With ``y_next`` (the next subject's part), the cross products
     ``[W'; y] @ y.T`` of the block are returned: with ``W' W'^T`` known they complete the
     Gram matrix of ``[W'; y]``. Each part is read once; at most ``Z``, ``W'`` and ``y``
-    blocks are held.
+    blocks are held, in buffers reused from task to task (see :func:`_buffer`) for an
+    ``owner``; ``release`` frees them at the end (the last round).
 
     Returns
     -------
@@ -97,31 +179,37 @@ def migp_step_block(c0: int, c1: int, z_parts: list[tuple[Any, np.ndarray | None
         The ``W'`` block when it is not written (memory mode, or the final projection) and
         the cross products (None without ``y_next``).
     """
-    blocks = [_read_rows(src, c0, c1, u) for src, u in z_parts]
+    blocks = [_read_rows(src, c0, c1, u, owner, f"z{j}")
+              for j, (src, u) in enumerate(z_parts)]
     if ut is not None:
-        new = None
+        reuse = owner is not None and target is not None
+        shape = (ut.shape[0], c1 - c0)
+        new = _buffer(owner, "new", shape) if reuse else np.empty(shape)
+        tmp = _buffer(owner, "tmp", shape) if reuse and len(blocks) > 1 else None
         r0 = 0
-        for b in blocks:
+        for j, b in enumerate(blocks):
             r1 = r0 + b.shape[0]
-            if new is None:
-                new = ut[:, r0:r1] @ b
+            if j == 0:
+                np.matmul(ut[:, r0:r1], b, out=new)
             else:
-                new += ut[:, r0:r1] @ b
+                new += np.matmul(ut[:, r0:r1], b, out=tmp)
             r0 = r1
         left = [new]
-        del blocks
+        del blocks, tmp
     else:
         new, left = None, blocks
     cross = None
     if y_next is not None:
-        y = _read_rows(y_next[0], c0, c1, y_next[1])
+        y = _read_rows(y_next[0], c0, c1, y_next[1], owner, "y")
         yt = y.T
         cross = np.concatenate([b @ yt for b in left] + [y @ yt])
         del y, yt
     del left
     if new is not None and target is not None:
-        target[:, c0:c1] = new.astype(target.dtype, copy=False)
+        target[:, c0:c1] = new
         new = None
+    if release:
+        release_buffers()
     return new, cross
 
 

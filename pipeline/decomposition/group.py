@@ -462,6 +462,7 @@ class _MIGPRounds:
     def __init__(self, scratch: _Scratch, n_voxels: int, block: int,
                  cols: list[tuple[int, int]]) -> None:
         self.scratch, self.n_voxels, self.block, self.cols = scratch, n_voxels, block, cols
+        self.owner = uuid.uuid4().hex  # the tasks' reused buffers belong to this fit
 
     def _compute(self, tasks: list[Any]) -> list[tuple[Any, Any]]:
         """Run tasks returning ``(block or None, small or None)``; in memory mode the
@@ -494,7 +495,8 @@ class _MIGPRounds:
             gram = vn and min(_VN_COMPONENTS, t // 2) >= 1
             x_target = self.scratch.create(name, t, self.n_voxels, self.block)
             x_key = _graph_value(x_target)
-            first = [dask.delayed(_migp_first_block, pure=False)(blk, x_key, c0, c1, gram)
+            first = [dask.delayed(_migp_first_block, pure=False)(blk, x_key, c0, c1, gram,
+                                                                 self.owner)
                      for blk, (c0, c1) in zip(x.to_delayed().ravel(), self.cols,
                                               strict=True)]
         steps = []
@@ -505,7 +507,7 @@ class _MIGPRounds:
             w_key = _graph_value(w_target)
             steps = [dask.delayed(_migp_step_block, pure=False)(
                 c0, c1, [p.at(i) for p in z_parts], ut_key, w_key,
-                None if y_next is None else y_next.at(i))
+                None if y_next is None else y_next.at(i), self.owner)
                 for i, (c0, c1) in enumerate(self.cols)]
         out = self._compute([*first, *steps])
         first_out, step_out = out[:len(first)], out[len(first):]
@@ -529,7 +531,7 @@ class _MIGPRounds:
         """``ut @ Z`` (few rows: the output), computed block by block, in memory."""
         ut_key = _graph_value(np.ascontiguousarray(ut))
         tasks = [dask.delayed(_migp_step_block, pure=False)(
-            c0, c1, [p.at(i) for p in z_parts], ut_key, None, None)
+            c0, c1, [p.at(i) for p in z_parts], ut_key, None, None, self.owner, True)
             for i, (c0, c1) in enumerate(self.cols)]
         return np.concatenate([r[0] for r in dask.compute(*tasks)], axis=1)
 
