@@ -126,7 +126,6 @@ def _read_rows(src: Any, c0: int, c1: int, u: np.ndarray | None, owner: str | No
             pass
     if blk is None:
         blk = np.asarray(src[:, c0:c1], dtype=np.float64)
-        return blk if u is None else vn_scale_block(blk, u, out=blk)
     return blk if u is None else vn_scale_block(blk, u, out=blk)
 
 
