@@ -19,6 +19,7 @@ thread in the client process does the orchestration:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -315,33 +316,30 @@ class Pipeline:
         results: dict[str, xr.DataArray] = {}
         in_flight: dict[Any, tuple[str, dict, float, dict]] = {}
         n_workers = len(job.client.scheduler_info().get("workers", {}))
-        shared: dict[str, Any] = {}  # the store and job context, opened once
+        contexts: list[_Context] = []  # the job context (store, atlas), opened once
 
         def context_for(store_url: str) -> _Context:
-            if "context" not in shared:
-                bs_ = storage.open_store(store_url, storage_options=opts)
-                shared["context"] = _Context(self, bs_)
-            return shared["context"]
+            if not contexts:
+                contexts.append(_Context(self, storage.open_store(store_url,
+                                                                  storage_options=opts)))
+            return contexts[0]
+
+        def track(context: _Context, run_id: str, group: str, fut: Any, ents: dict,
+                  t0: float, **info: Any) -> Any:
+            """Record a submitted run: its future, what it reads, its state."""
+            job.futures[run_id] = fut
+            in_flight[fut] = (run_id, ents, t0, {
+                **info, "read": _bold_bytes(context.bs, group, context.sums_name)})
+            job._status[run_id] = "running"
+            return fut
 
         def submit(context: _Context, run_id: str, group: str, ents: dict, prov: str,
                    group_mask: Any, t0: float) -> Any:
             """One run's task on a worker: built, computed and written there."""
-            bs_ = context.bs
-            fut = job.client.submit(_run_on_worker, cfg, bs_.ref, group, ents, prov,
-                                    group_mask, pure=False,
-                                    key=f"run-{run_id}-{prov[:12]}")
-            job.futures[run_id] = fut
-            in_flight[fut] = (run_id, ents, t0, {
-                "prov": prov, "stage": "compute", "on_worker": True,
-                "read": _bold_bytes(bs_, group, sums_name(context))})
-            job._status[run_id] = "running"
-            return fut
-
-        def sums_name(context: _Context) -> str | None:
-            if "sums" not in shared:
-                sums = context.label_sums()
-                shared["sums"] = sums.name if sums is not None else None
-            return shared["sums"]
+            fut = job.client.submit(_run_on_worker, cfg, context.bs.ref, group, ents, prov,
+                                    group_mask, pure=False, key=f"run-{run_id}-{prov[:12]}")
+            return track(context, run_id, group, fut, ents, t0, prov=prov, stage="compute",
+                         on_worker=True)
 
         store = cfg.input
         early: dict[str, Any] = {}  # run_id -> its task, submitted while ingestion goes on
@@ -457,12 +455,8 @@ class Pipeline:
                     fut = submit(context, run_id, group, ents, prov, group_mask, t0)
                 else:
                     graph, stage_ = context.build(group)
-                    fut = job.client.compute(dask.delayed(graph))
-                    job.futures[run_id] = fut
-                    in_flight[fut] = (run_id, ents, t0, {
-                        "prov": prov, "stage": stage_,
-                        "read": _bold_bytes(bs, group, sums_name(context))})
-                    job._status[run_id] = "running"
+                    fut = track(context, run_id, group, job.client.compute(dask.delayed(graph)),
+                                ents, t0, prov=prov, stage=stage_)
                 ac.add(fut)
             except Exception as e:  # one run's failure is recorded, the others go on
                 failed(ents or {"sub": row.sub, "task": row.task}, run_id,
@@ -945,6 +939,12 @@ class _Context:
         atlas, the runs' own masks and no voxel-wise stage.
         """
         return label_sums_reducer(self.cfg, self._atlas_sha)
+
+    @functools.cached_property
+    def sums_name(self) -> str | None:
+        """Name of :meth:`label_sums`' derived array in a run's group (None: no sums)."""
+        sums = self.label_sums()
+        return sums.name if sums is not None else None
 
     def _ingested_signals(self, group: str, run: xr.Dataset) -> xr.DataArray | None:
         import zarr
