@@ -25,6 +25,7 @@ Standardisation (``zscore_sample`` or ``psc``) is not linear and is applied afte
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -344,6 +345,19 @@ def run_pre(x: np.ndarray, rp: RunPlan, out_dtype: np.dtype) -> np.ndarray:
     return np.asarray(pre, dtype=out_dtype)
 
 
+#: float64 bytes of the column tile the kernels clean at a time. Detrending, filtering and
+#: the regression hold ~4 arrays of the size of what they clean; per tile, that is a
+#: fixed amount whatever the block (long runs have wide blocks), and no slower.
+TILE_BYTES = 8 * 2**20
+
+
+def column_tiles(plan: CleanPlan, n_columns: int) -> list[slice]:
+    """Column slices of at most :data:`TILE_BYTES` of float64 over the plan's time axis."""
+    step = max(1, TILE_BYTES // (8 * max(plan.n_time, plan.n_pre, 1)))
+    return [slice(s, min(s + step, n_columns)) for s in range(0, n_columns, step)] \
+        or [slice(0, 0)]
+
+
 def _prepare(block: np.ndarray, plan: CleanPlan) -> np.ndarray:
     block = np.asarray(block)
     if plan.ensure_finite:
@@ -369,6 +383,12 @@ def block_pre(block: np.ndarray, plan: CleanPlan) -> np.ndarray:
         ``(plan.n_pre, n_columns)`` array: for each run its cleaned, unstandardised volumes,
         followed (``psc`` only) by one row with the original means.
     """
+    tiles = column_tiles(plan, block.shape[1])
+    if len(tiles) > 1:
+        pre = np.empty((plan.n_pre, block.shape[1]), dtype=plan.out_dtype)
+        for sl in tiles:
+            pre[:, sl] = block_pre(block[:, sl], plan)
+        return pre
     x = _prepare(block, plan)
     parts = [run_pre(x[rp.rows], rp, plan.out_dtype) for rp in plan.runs]
     if len(parts) == 1:
@@ -436,6 +456,10 @@ def block_post(
     zero_mean : list of bool
         Per run, whether ``psc`` met features with a zero mean (set to 0; nilearn warns).
     """
+    tiles = column_tiles(plan, pre.shape[1])
+    if len(tiles) > 1:
+        return _tiled(lambda sl: block_post(pre[:, sl], plan, totals, inplace=inplace),
+                      tiles, plan)
     parts = []
     zero_mean = []
     for i, (rp, run, mean) in enumerate(_split_runs(pre, plan)):
@@ -516,7 +540,21 @@ def block_clean(block: np.ndarray, plan: CleanPlan) -> tuple[np.ndarray, list[bo
     zero_mean : list of bool
         See :func:`block_post`.
     """
+    tiles = column_tiles(plan, block.shape[1])
+    if len(tiles) > 1:
+        return _tiled(lambda sl: block_clean(block[:, sl], plan), tiles, plan)
     return block_post(block_pre(block, plan), plan, inplace=True)  # block_pre's output is new
+
+
+def _tiled(clean: Callable[[slice], tuple[np.ndarray, list[bool]]], tiles: list[slice],
+           plan: CleanPlan) -> tuple[np.ndarray, list[bool]]:
+    """``clean(columns)`` of each column tile, gathered in one output array."""
+    out = np.empty((plan.n_out, tiles[-1].stop), dtype=plan.out_dtype)
+    zero_mean = [False] * len(plan.runs)
+    for sl in tiles:
+        out[:, sl], flags = clean(sl)
+        zero_mean = [a or b for a, b in zip(zero_mean, flags, strict=True)]
+    return out, zero_mean
 
 
 # ------------------------------------------------------------------------------ dask tasks

@@ -83,9 +83,6 @@ def _standardize_true() -> str:
 #: Evaluation of the linear part: "auto" (cost model), "operator" or "stepwise" (for tests).
 _METHOD: Literal["auto", "operator", "stepwise"] = "auto"
 
-#: Bytes of float64 per column block when cleaning a NumPy array (bounds temporaries).
-_NUMPY_BLOCK_BYTES = 64 * 2**20
-
 # Rough costs (ns) measured on the project machine (2 cores, float64): a multiply-add in a
 # matrix product, a sample through one second-order section of sosfiltfilt (both passes), a
 # sample through one vectorised elementwise pass over a block.
@@ -591,26 +588,12 @@ def _with_centering(rp: RunPlan) -> RunPlan:
 
 
 def _clean_numpy(signals: np.ndarray, plan: CleanPlan) -> tuple[np.ndarray, list[bool]]:
-    """Clean a NumPy array by column blocks (bounded temporaries)."""
-    n_features = signals.shape[1]
-    step = max(1, _NUMPY_BLOCK_BYTES // (8 * max(plan.n_time, 1)))
-    blocks = [slice(s, s + step) for s in range(0, n_features, step)]
-    zero_mean = [False] * len(plan.runs)
-    out = np.empty((plan.n_out, n_features), dtype=plan.out_dtype)
+    """Clean a NumPy array (the kernels work by column tiles: bounded temporaries)."""
     if not plan.psc:
-        for sl in blocks:
-            out[:, sl], flags = _kernels.block_clean(signals[:, sl], plan)
-            zero_mean = [a or b for a, b in zip(zero_mean, flags, strict=True)]
-        return out, zero_mean
-    pre = np.empty((plan.n_pre, n_features), dtype=plan.out_dtype)
-    totals = np.zeros(2 * len(plan.runs))
-    for sl in blocks:
-        pre[:, sl] = _kernels.block_pre(signals[:, sl], plan)
-        totals += _kernels.block_psc_stats(pre[:, sl], plan)[:, 0]
-    for sl in blocks:
-        out[:, sl], flags = _kernels.block_post(pre[:, sl], plan, totals)
-        zero_mean = [a or b for a, b in zip(zero_mean, flags, strict=True)]
-    return out, zero_mean
+        return _kernels.block_clean(signals, plan)
+    pre = _kernels.block_pre(signals, plan)
+    totals = _kernels.block_psc_stats(pre, plan)[:, 0]
+    return _kernels.block_post(pre, plan, totals, inplace=True)
 
 
 def _clean_dask(signals: da.Array, plan: CleanPlan) -> da.Array:

@@ -629,6 +629,51 @@ def test_dask_matches_numpy_and_nilearn(data, case):
                 )
 
 
+@pytest.mark.parametrize("case", ["band+confounds", "scrub+extrapolate", "psc band", "runs"])
+def test_column_tiles_give_the_same_numbers(data, case, monkeypatch):
+    """Blocks wider than a tile are cleaned tile by tile (7 columns here, the last one
+    shorter): numpy and dask results stay nilearn's, in both evaluations."""
+    import pipeline._kernels as kernels
+
+    x, conf = data
+    kwargs = dict(DASK_CASES[case])
+    if kwargs.get("confounds") == "conf":
+        kwargs["confounds"] = conf
+    monkeypatch.setattr(kernels, "TILE_BYTES", 8 * T * 7)
+    expected = compare(x, **kwargs)  # numpy path, tiled, == nilearn
+    got = clean_signals(da.from_array(x, chunks=(T, 50)), **kwargs).compute(scheduler="sync")
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+
+
+def test_block_temporaries_are_bounded_by_the_tile(monkeypatch):
+    """A wide block's cleaning (filter + confounds + zscore) holds its output and a few
+    tiles, not several copies of the block: what keeps long runs' memory flat."""
+    import tracemalloc
+
+    import pipeline._kernels as kernels
+
+    n_time, n_cols = 400, 10_000  # 32 MB of float64
+    x, conf = make_signals(n_time, n_cols)
+    kwargs = dict(confounds=conf, low_pass=0.08, high_pass=0.01, t_r=T_R)
+
+    def peak(tile_bytes: int) -> tuple[int, np.ndarray]:
+        monkeypatch.setattr(kernels, "TILE_BYTES", tile_bytes)
+        with _method("stepwise"):
+            tracemalloc.start()
+            try:
+                out = clean_signals(x, **kwargs)
+                return tracemalloc.get_traced_memory()[1], out
+            finally:
+                tracemalloc.stop()
+
+    tiled, out_tiled = peak(2 * 2**20)
+    whole, out_whole = peak(2**40)
+    np.testing.assert_allclose(out_tiled, out_whole, rtol=1e-10,
+                               atol=1e-12 * np.abs(out_whole).max())
+    assert tiled < 1.5 * x.nbytes  # the output (1x) and ~4 tiles of 2 MiB
+    assert whole > 2.5 * x.nbytes  # what the same cleaning holds without tiles
+
+
 class _CountTasks(Callback):
     def __init__(self):
         super().__init__()
