@@ -102,9 +102,20 @@ def _bounds(chunks: tuple[int, ...]) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in pairwise(edges)]
 
 
+#: bytes of the input block gathered at a time by :func:`_extract`.
+_GATHER_BYTES = 4 * 2**20
+
+
 def _extract(block: np.ndarray, sub_mask: np.ndarray, dtype) -> np.ndarray:
-    # (cx, cy, cz, T) -> (T, n_in_mask); boolean indexing keeps C order within the block
-    return np.ascontiguousarray(block[sub_mask].T, dtype=dtype)
+    # (cx, cy, cz, T) -> (T, n_in_mask); boolean indexing keeps C order within the block.
+    # Gather a few volumes at a time straight into the output: a one-shot
+    # ``block[sub_mask].T`` would hold a second copy of the block in the input dtype.
+    n_time = block.shape[-1]
+    out = np.empty((n_time, int(sub_mask.sum())), dtype=dtype)
+    step = max(1, _GATHER_BYTES // max(1, block[..., :1].nbytes))
+    for t0 in range(0, n_time, step):
+        out[t0:t0 + step] = block[..., t0:t0 + step][sub_mask].T
+    return out
 
 
 def apply_mask(bold: xr.Dataset | xr.DataArray, mask: xr.DataArray | np.ndarray | None = None,
