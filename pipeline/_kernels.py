@@ -347,10 +347,10 @@ def run_pre(x: np.ndarray, rp: RunPlan, out_dtype: np.dtype) -> np.ndarray:
 
 #: float64 bytes of the column tile the kernels clean at a time. Detrending, filtering and
 #: the regression hold ~4 arrays of the size of what they clean; per tile, that is a
-#: fixed amount whatever the block (long runs have wide blocks). 2 MiB keeps that under
-#: ~10 MiB at 1600 volumes and is as fast as 8 MiB (measured: within 5%, the tile still
-#: holds hundreds of columns, enough for the BLAS calls to stay efficient).
-TILE_BYTES = 2 * 2**20
+#: fixed amount whatever the block (long runs have wide blocks). Measured on one block
+#: (tests/benchmarks/RESULTS.md, session 7): 4 MiB costs 5-12 % over untiled and holds
+#: ~17 MiB over a 31 MiB block at 1600 volumes (8 MiB: 34; 2 MiB: 9 but 8-28 % slower).
+TILE_BYTES = 4 * 2**20
 
 
 def column_tiles(plan: CleanPlan, n_columns: int) -> list[slice]:
