@@ -13,6 +13,7 @@ from nilearn.masking import compute_epi_mask as nl_compute_epi_mask
 from nilearn.masking import intersect_masks as nl_intersect_masks
 
 import storage
+from pipeline import masking
 from pipeline.jobs import _clean_regions
 from pipeline.masking import apply_mask, compute_epi_mask, intersect_masks, unmask
 from pipeline.parcellation import label_signals, load_atlas, map_signals
@@ -48,7 +49,11 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def test_apply_mask_equals_niftimasker_and_unmask_inverts(sim):
+@pytest.mark.parametrize("gather_bytes", [None, 1, 7 * 1024])
+def test_apply_mask_equals_niftimasker_and_unmask_inverts(sim, gather_bytes, monkeypatch):
+    # gather_bytes: the in-mask voxels gathered one volume / a few volumes at a time
+    if gather_bytes is not None:
+        monkeypatch.setattr(masking, "_GATHER_BYTES", gather_bytes)
     s, store = sim
     ds = _open(store)
     matrix = apply_mask(ds)
