@@ -131,6 +131,39 @@ def task_breakdown(ts_data: list[dict], wall: float, n_workers: int) -> list[str
     return rows
 
 
+def worker_gaps(ts_data: list[dict], min_gap: float = 0.05) -> list[str]:
+    """Markdown rows: per worker, busy seconds and the idle gaps inside the task span.
+
+    Tells whether a low occupancy is a late start, a tail, or holes between tasks (each
+    gap named by the tasks on either side).
+    """
+    from dask.utils import key_split
+
+    by_worker: dict[str, list[tuple[float, float, str]]] = collections.defaultdict(list)
+    for t in ts_data:
+        for ss in t["startstops"]:
+            if ss["action"] == "compute":
+                by_worker[t["worker"]].append((ss["start"], ss["stop"], key_split(t["key"])))
+    if not by_worker:
+        return []
+    t0 = min(iv[0] for ivs in by_worker.values() for iv in ivs)
+    t1 = max(iv[1] for ivs in by_worker.values() for iv in ivs)
+    rows = ["| worker | busy s | first task s | last task ends s | idle gaps > "
+            f"{min_gap:g} s (at s: length, after -> before) |", "|---|---|---|---|---|"]
+    for w, ivs in sorted(by_worker.items()):
+        ivs.sort()
+        busy, gaps, end, prev = 0.0, [], ivs[0][0], ivs[0][2]
+        for start, stop, name in ivs:
+            busy += stop - start
+            if start - end > min_gap:
+                gaps.append(f"{end - t0:.1f}: {start - end:.2f} ({prev} -> {name})")
+            if stop > end:
+                end, prev = stop, name
+        rows.append(f"| {w} | {busy:.2f} | {ivs[0][0] - t0:.2f} | {end - t0:.2f} "
+                    f"(span {t1 - t0:.2f}) | {'; '.join(gaps) or 'none'} |")
+    return rows
+
+
 # ------------------------------------------------------------------------- nilearn
 
 
@@ -714,6 +747,9 @@ def main() -> None:
                 say("\nTask stream of the last boldflow repetition (ingest_run = gunzip + "
                     "re-layout + compress + write + region sums of one run):\n")
                 for line in task_breakdown(*stream3, args.workers):
+                    say(line)
+                say("\nPer worker (same stream):\n")
+                for line in worker_gaps(stream3[0]):
                     say(line)
 
     say(f"\nload average at end: {os.getloadavg()[0]:.1f}; total script time "
