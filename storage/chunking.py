@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 __all__ = ["ChunkPlan", "parse_bytes", "plan_bold_chunks"]
 
 MiB = 1 << 20
@@ -61,10 +63,29 @@ def _split_to_target(dims: list[int], fixed_bytes: int, target: int) -> list[int
     return block
 
 
+def _densest(mask: np.ndarray, block: list[int]) -> int:
+    """Most in-mask voxels of any block of the grid of ``block``-shaped blocks."""
+    counts = mask.astype(np.int64)
+    for axis, size in enumerate(block):
+        counts = np.add.reduceat(counts, np.arange(0, mask.shape[axis], size), axis=axis)
+    return int(counts.max()) if counts.size else 0
+
+
+def _split_masked(block: list[int], mask: np.ndarray, fixed_bytes: int,
+                  target: int) -> list[int]:
+    """Go on halving (as :func:`_split_to_target`) until the densest block fits ``target``."""
+    block = list(block)
+    while fixed_bytes * _densest(mask, block) > target and max(block) > 1:
+        i = max(range(len(block)), key=lambda k: block[k])
+        block[i] = math.ceil(block[i] / 2)
+    return block
+
+
 def plan_bold_chunks(shape: tuple[int, int, int, int], itemsize: int, *,
                      chunk_bytes: int = 32 * MiB, batch_bytes: int = 128 * MiB,
                      shard_bytes: int | None = None,
-                     series_bytes: int | None = 128 * MiB) -> ChunkPlan:
+                     series_bytes: int | None = 128 * MiB, mask: np.ndarray | None = None,
+                     masked_series_bytes: int | None = 32 * MiB) -> ChunkPlan:
     """Plan chunks for a ``(x, y, z, time)`` array.
 
     Parameters
@@ -85,6 +106,15 @@ def plan_bold_chunks(shape: tuple[int, int, int, int], itemsize: int, *,
         a stage reading whole voxel time series holds: open_run's ``block_bytes``). A run
         longer than one batch gets spatial blocks this small, so that readers never split
         a stored chunk. None: ``chunk_bytes`` alone sets the spatial block.
+    mask : numpy.ndarray of bool, optional
+        The run's brain mask ``(nx, ny, nz)``. With ``series_bytes`` set, spatial blocks are
+        also halved until the *densest* block's in-mask voxels over all volumes, as
+        float64 (the ``(time, voxel)`` block the stages clean), fit ``masked_series_bytes``.
+        Without it the widest masked block grows with the run length even under the same
+        ``series_bytes``: short runs get big blocks that the brain fills sparsely, long
+        runs small ones at the centre of the brain that it fills completely.
+    masked_series_bytes : int, optional, default=32 MiB
+        See ``mask``. None: no mask-based split.
 
     Returns
     -------
@@ -103,6 +133,9 @@ def plan_bold_chunks(shape: tuple[int, int, int, int], itemsize: int, *,
         # halving again (not a fresh split) keeps the parts that readers' time_blocks
         # would cut out of the larger block: the same shapes, now stored whole
         block = _split_to_target(block, 8 * nt, series_bytes)
+        if mask is not None and masked_series_bytes:
+            block = _split_masked(block, np.asarray(mask, dtype=bool), 8 * nt,
+                                  masked_series_bytes)
     cx, cy, cz = block
     chunks = (cx, cy, cz, time_block)
     shards = None

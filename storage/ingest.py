@@ -89,6 +89,10 @@ class IngestOptions:
         ``block_bytes`` of :func:`storage.open_run` and of jobs. Long runs get smaller
         spatial chunks so that such readers never decode a stored chunk twice. Ingest
         with a smaller value when the pipeline runs with a smaller ``block_bytes``.
+        With a brain mask, blocks are also halved until the densest block's in-mask
+        voxels over all volumes fit a quarter of it (the stored block, its masked float64
+        copy and the cleaned output then fit the budget together), so that the block a
+        stage cleans does not grow with the run length.
         None: only ``chunk_bytes`` sets the spatial block.
     clevel : int, default=1
         Blosc compression level.
@@ -809,7 +813,8 @@ def _write_run(c: _CheckedRun, zstore, path: str, fingerprint: str,
     info = c.bold
     plan = plan_bold_chunks(info.shape, info.dtype.itemsize, chunk_bytes=options.chunk_bytes,
                             batch_bytes=options.batch_bytes, shard_bytes=options.shard_bytes,
-                            series_bytes=options.series_bytes)
+                            series_bytes=options.series_bytes, mask=c.mask,
+                            masked_series_bytes=(options.series_bytes or 0) // 4 or None)
     attrs = _run_attrs(c, fingerprint, plan)
     ds, encoding = _template(c, plan, attrs, options)
     with warnings.catch_warnings():

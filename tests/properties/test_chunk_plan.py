@@ -107,3 +107,32 @@ def test_readers_never_split_stored_chunks(shape, itemsize, budget):
     out = time_blocks(bold, budget)
     for d, c, n in zip("xyz", plan.chunks[:3], shape[:3], strict=True):
         assert out[d] == da.core.normalize_chunks((c,), (n,))[0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(shape=st.tuples(st.integers(1, 40), st.integers(1, 40), st.integers(1, 40),
+                       st.integers(1, 2000)),
+       series=st.sampled_from([1 << 20, 8 << 20, 128 << 20]),
+       masked=st.sampled_from([1 << 18, 1 << 20, 4 << 20]),
+       fill=st.floats(0.05, 1.0), seed=st.integers(0, 2**16))
+def test_masked_blocks_fit_their_budget(shape, series, masked, fill, seed):
+    """With a mask, the densest block's in-mask series (float64) fit masked_series_bytes
+    (unless one voxel's series alone exceeds it), counted against a brute-force count; and
+    a masked plan only ever refines the unmasked one (readers still never split it)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    mask = rng.random(shape[:3]) < fill
+    plain = plan_bold_chunks(shape, 4, series_bytes=series)
+    plan = plan_bold_chunks(shape, 4, series_bytes=series, mask=mask,
+                            masked_series_bytes=masked)
+    cx, cy, cz, nt = *plan.chunks[:3], shape[3]
+    densest = max(int(mask[i:i + cx, j:j + cy, k:k + cz].sum())
+                  for i in range(0, shape[0], cx) for j in range(0, shape[1], cy)
+                  for k in range(0, shape[2], cz))
+    if 8 * nt <= masked:
+        assert densest * nt * 8 <= masked
+    assert plan.chunks[3] == plain.chunks[3]
+    # the same halving sequence, continued: each side divides into the plain one's parts
+    for c, p in zip(plan.chunks[:3], plain.chunks[:3], strict=True):
+        assert c <= p
