@@ -15,7 +15,8 @@ voxels: its size grows with the run unless the block of voxels shrinks. ``open_r
 (default 128 MiB, counted in float64). Settings measured on the same run:
 
 * ``defaults``: ingest defaults (``chunk_bytes="32MiB"``, ``series_bytes="128MiB"``: long
-  runs get spatial chunks whose time series fit open_run's default ``block_bytes``),
+  runs get spatial chunks whose time series fit open_run's default ``block_bytes``; since
+  session 7 also halved until the densest block's in-mask series fit a quarter of it),
   ``open_run`` defaults: nothing to split;
 * ``chunk-bytes-only``: ingest with ``series_bytes=None`` (the default before session 5:
   chunks sized by ``chunk_bytes`` alone), ``open_run`` defaults: blocks of long runs are
