@@ -347,9 +347,10 @@ def run_pre(x: np.ndarray, rp: RunPlan, out_dtype: np.dtype) -> np.ndarray:
 
 #: float64 bytes of the column tile the kernels clean at a time. Detrending, filtering and
 #: the regression hold ~4 arrays of the size of what they clean; per tile, that is a
-#: fixed amount whatever the block (long runs have wide blocks). Measured on one block
-#: (tests/benchmarks/RESULTS.md, session 7): 4 MiB costs 5-12 % over untiled and holds
-#: ~17 MiB over a 31 MiB block at 1600 volumes (8 MiB: 34; 2 MiB: 9 but 8-28 % slower).
+#: fixed amount whatever the block (long runs have wide blocks). Measured on one 31 MiB
+#: block, one BLAS thread (tests/benchmarks/RESULTS.md, session 7): 4 MiB tiles are 8-29 %
+#: slower than untiled at 800-1600 volumes and hold ~17 MiB of temporaries at 1600
+#: (untiled: ~97; 8 MiB: ~33; 2 MiB: ~8 but 20-43 % slower).
 TILE_BYTES = 4 * 2**20
 
 

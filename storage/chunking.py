@@ -13,6 +13,7 @@ per part.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,13 +55,18 @@ class ChunkPlan:
         return self.shards or self.chunks
 
 
-def _split_to_target(dims: list[int], fixed_bytes: int, target: int) -> list[int]:
-    """Halve the largest dimension until the block is at most ``target`` bytes."""
+def _halve_while(dims: list[int], too_big: Callable[[list[int]], bool]) -> list[int]:
+    """Halve the largest dimension while ``too_big(block)`` (and a side can still shrink)."""
     block = list(dims)
-    while fixed_bytes * math.prod(block) > target and max(block) > 1:
+    while too_big(block) and max(block) > 1:
         i = max(range(len(block)), key=lambda k: block[k])
         block[i] = math.ceil(block[i] / 2)
     return block
+
+
+def _split_to_target(dims: list[int], fixed_bytes: int, target: int) -> list[int]:
+    """Halve the largest dimension until the block is at most ``target`` bytes."""
+    return _halve_while(dims, lambda b: fixed_bytes * math.prod(b) > target)
 
 
 def _densest(mask: np.ndarray, block: list[int]) -> int:
@@ -74,11 +80,7 @@ def _densest(mask: np.ndarray, block: list[int]) -> int:
 def _split_masked(block: list[int], mask: np.ndarray, fixed_bytes: int,
                   target: int) -> list[int]:
     """Go on halving (as :func:`_split_to_target`) until the densest block fits ``target``."""
-    block = list(block)
-    while fixed_bytes * _densest(mask, block) > target and max(block) > 1:
-        i = max(range(len(block)), key=lambda k: block[k])
-        block[i] = math.ceil(block[i] / 2)
-    return block
+    return _halve_while(block, lambda b: fixed_bytes * _densest(mask, b) > target)
 
 
 def plan_bold_chunks(shape: tuple[int, int, int, int], itemsize: int, *,

@@ -133,6 +133,6 @@ def test_masked_blocks_fit_their_budget(shape, series, masked, fill, seed):
     if 8 * nt <= masked:
         assert densest * nt * 8 <= masked
     assert plan.chunks[3] == plain.chunks[3]
-    # the same halving sequence, continued: each side divides into the plain one's parts
+    # the same halving sequence, continued: no side grows
     for c, p in zip(plan.chunks[:3], plain.chunks[:3], strict=True):
         assert c <= p
