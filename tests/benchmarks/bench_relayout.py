@@ -1,0 +1,124 @@
+"""How far ingestion's time-last re-layout is from a plain copy of the same bytes.
+
+``storage.ingest.time_last_blocks`` turns a Fortran-ordered ``(x, y, z, t)`` batch (what
+NIfTI stores: volumes one after another) into C-ordered ``(x, y, z, t)`` blocks (voxel time
+series contiguous, what the chunks store). It is one of the non-gunzip costs of ingest
+(issue 3, end to end from .nii.gz). This measures, single-threaded and as process CPU
+time, on one batch of a benchmark run:
+
+- ``time_last_blocks`` as ingest calls it (``reuse=True``), per spatial block of the
+  default chunk plan;
+- the same z-plane transposes split further along time (smaller in-cache tiles);
+- a contiguous copy of the batch (``np.copyto``): the memory-bandwidth limit of any
+  re-layout that writes every byte once, fused into the encode or not.
+
+Run (not part of the test suite)::
+
+    python tests/benchmarks/bench_relayout.py
+    python tests/benchmarks/bench_relayout.py --volumes 200 --unit 16 19 16
+
+Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+if importlib.util.find_spec("storage") is None:  # not installed: this checkout's
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_DATA = Path(tempfile.gettempdir()) / "bf-bench-data" / "pipeline-8-61x73x61-200-float32"
+
+
+def _batch(data: Path, volumes: int, shape: tuple[int, int, int]) -> np.ndarray:
+    files = sorted(data.glob("**/*_bold.nii.gz")) if data.exists() else []
+    if files:
+        import nibabel as nib
+
+        arr = np.asanyarray(nib.load(files[0]).dataobj)[..., :volumes]
+        return np.asfortranarray(arr, dtype=np.float32)
+    # no benchmark data: smooth random series of the same grid (speed does not depend on
+    # the values)
+    rng = np.random.default_rng(0)
+    return np.asfortranarray(
+        rng.standard_normal((*shape, volumes), dtype=np.float32).cumsum(axis=3))
+
+
+def _tiled(raw: np.ndarray, unit: tuple[int, int, int], tt: int) -> None:
+    nx, ny, nz, nt = raw.shape
+    ux, uy, uz = unit
+    src = raw.T
+    flat = np.empty(min(ux, nx) * min(uy, ny) * min(uz, nz) * nt, dtype=raw.dtype)
+    for x0 in range(0, nx, ux):
+        x1 = min(x0 + ux, nx)
+        for y0 in range(0, ny, uy):
+            y1 = min(y0 + uy, ny)
+            for z0 in range(0, nz, uz):
+                z1 = min(z0 + uz, nz)
+                shape = (x1 - x0, y1 - y0, z1 - z0, nt)
+                planes = flat[:math.prod(shape)].reshape(shape).transpose(2, 1, 0, 3)
+                for z in range(z0, z1):
+                    for t0 in range(0, nt, tt):
+                        planes[z - z0, :, :, t0:t0 + tt] = \
+                            src[t0:t0 + tt, z, y0:y1, x0:x1].transpose(1, 2, 0)
+
+
+def _cpu_per_call(fn: Callable[[], None], repeats: int) -> float:
+    fn()  # warm-up: page faults of the output buffers
+    times = []
+    for _ in range(repeats):
+        t = time.process_time()
+        fn()
+        times.append(time.process_time() - t)
+    return float(np.median(times))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from threadpoolctl import threadpool_limits
+
+    from storage.ingest import time_last_blocks
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--volumes", type=int, default=100,
+                   help="volumes in the batch (the default plan's time block is 100)")
+    p.add_argument("--unit", type=int, nargs=3, default=(31, 37, 61),
+                   help="spatial block (the default plan's at 200 volumes)")
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args(argv)
+    raw = _batch(a.data, a.volumes, (61, 73, 61))
+    unit = tuple(a.unit)
+    out = np.empty_like(raw)
+
+    def current() -> None:
+        for _ in time_last_blocks(raw, unit, reuse=True):
+            pass
+
+    rows = [("time_last_blocks (ingest)", current)]
+    rows += [(f"z-plane transposes in time tiles of {tt}", lambda tt=tt: _tiled(raw, unit, tt))
+             for tt in (8, 32)]
+    rows += [("contiguous copy of the batch (bandwidth limit)", lambda: np.copyto(out, raw))]
+    with threadpool_limits(1):
+        res = [(name, _cpu_per_call(fn, a.repeats)) for name, fn in rows]
+    print(f"command: python tests/benchmarks/bench_relayout.py {' '.join(argv or sys.argv[1:])}")
+    print(f"\nbatch {raw.shape} float32 ({raw.nbytes / 1e6:.0f} MB), block {unit}, "
+          f"median of {a.repeats}, process CPU time, one thread\n")
+    print("| re-layout | CPU ms per batch | MB/s | vs contiguous copy |")
+    print("|---|---|---|---|")
+    limit = res[-1][1]
+    for name, s in res:
+        print(f"| {name} | {s * 1e3:.0f} | {raw.nbytes / s / 1e6:.0f} | {s / limit:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
