@@ -8,7 +8,6 @@ time, on one batch of a benchmark run:
 
 - ``time_last_blocks`` as ingest calls it (``reuse=True``), per spatial block of the
   default chunk plan;
-- the same z-plane transposes split further along time (smaller in-cache tiles);
 - a contiguous copy of the batch (``np.copyto``): the memory-bandwidth limit of any
   re-layout that writes every byte once, fused into the encode or not.
 
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import sys
 import tempfile
 import time
@@ -52,25 +50,6 @@ def _batch(data: Path, volumes: int, shape: tuple[int, int, int]) -> np.ndarray:
     rng = np.random.default_rng(0)
     return np.asfortranarray(
         rng.standard_normal((*shape, volumes), dtype=np.float32).cumsum(axis=3))
-
-
-def _tiled(raw: np.ndarray, unit: tuple[int, int, int], tt: int) -> None:
-    nx, ny, nz, nt = raw.shape
-    ux, uy, uz = unit
-    src = raw.T
-    flat = np.empty(min(ux, nx) * min(uy, ny) * min(uz, nz) * nt, dtype=raw.dtype)
-    for x0 in range(0, nx, ux):
-        x1 = min(x0 + ux, nx)
-        for y0 in range(0, ny, uy):
-            y1 = min(y0 + uy, ny)
-            for z0 in range(0, nz, uz):
-                z1 = min(z0 + uz, nz)
-                shape = (x1 - x0, y1 - y0, z1 - z0, nt)
-                planes = flat[:math.prod(shape)].reshape(shape).transpose(2, 1, 0, 3)
-                for z in range(z0, z1):
-                    for t0 in range(0, nt, tt):
-                        planes[z - z0, :, :, t0:t0 + tt] = \
-                            src[t0:t0 + tt, z, y0:y1, x0:x1].transpose(1, 2, 0)
 
 
 def _cpu_per_call(fn: Callable[[], None], repeats: int) -> float:
@@ -105,8 +84,6 @@ def main(argv: list[str] | None = None) -> None:
             pass
 
     rows = [("time_last_blocks (ingest)", current)]
-    rows += [(f"z-plane transposes in time tiles of {tt}", lambda tt=tt: _tiled(raw, unit, tt))
-             for tt in (8, 32)]
     rows += [("contiguous copy of the batch (bandwidth limit)", lambda: np.copyto(out, raw))]
     with threadpool_limits(1):
         res = [(name, _cpu_per_call(fn, a.repeats)) for name, fn in rows]
