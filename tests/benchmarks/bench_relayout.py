@@ -38,18 +38,21 @@ if importlib.util.find_spec("storage") is None:  # not installed: this checkout'
 DEFAULT_DATA = Path(tempfile.gettempdir()) / "bf-bench-data" / "pipeline-8-61x73x61-200-float32"
 
 
-def _batch(data: Path, volumes: int, shape: tuple[int, int, int]) -> np.ndarray:
+def _batch(data: Path, volumes: int, shape: tuple[int, int, int]
+           ) -> tuple[np.ndarray, str]:
+    """The batch and where it came from (printed with the results)."""
     files = sorted(data.glob("**/*_bold.nii.gz")) if data.exists() else []
     if files:
         import nibabel as nib
 
         arr = np.asanyarray(nib.load(files[0]).dataobj)[..., :volumes]
-        return np.asfortranarray(arr, dtype=np.float32)
+        return np.asfortranarray(arr, dtype=np.float32), str(files[0])
     # no benchmark data: smooth random series of the same grid (speed does not depend on
     # the values)
     rng = np.random.default_rng(0)
     return np.asfortranarray(
-        rng.standard_normal((*shape, volumes), dtype=np.float32).cumsum(axis=3))
+        rng.standard_normal((*shape, volumes), dtype=np.float32).cumsum(axis=3)), \
+        f"random walks ({data} has no *_bold.nii.gz)"
 
 
 def _cpu_per_call(fn: Callable[[], None], repeats: int) -> float:
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="spatial block (the default plan's at 200 volumes)")
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args(argv)
-    raw = _batch(a.data, a.volumes, (61, 73, 61))
+    raw, source = _batch(a.data, a.volumes, (61, 73, 61))
     unit = tuple(a.unit)
     out = np.empty_like(raw)
 
@@ -83,13 +86,13 @@ def main(argv: list[str] | None = None) -> None:
         for _ in time_last_blocks(raw, unit, reuse=True):
             pass
 
-    rows = [("time_last_blocks (ingest)", current)]
-    rows += [("contiguous copy of the batch (bandwidth limit)", lambda: np.copyto(out, raw))]
+    rows = [("time_last_blocks (ingest)", current),
+            ("contiguous copy of the batch (bandwidth limit)", lambda: np.copyto(out, raw))]
     with threadpool_limits(1):
         res = [(name, _cpu_per_call(fn, a.repeats)) for name, fn in rows]
     print(f"command: python tests/benchmarks/bench_relayout.py {' '.join(argv or sys.argv[1:])}")
     print(f"\nbatch {raw.shape} float32 ({raw.nbytes / 1e6:.0f} MB), block {unit}, "
-          f"median of {a.repeats}, process CPU time, one thread\n")
+          f"median of {a.repeats}, process CPU time, one thread; data: {source}\n")
     print("| re-layout | CPU ms per batch | MB/s | vs contiguous copy |")
     print("|---|---|---|---|")
     limit = res[-1][1]
