@@ -52,6 +52,35 @@ def default_local_cluster_kwargs(n_workers: int | None = None,
             "processes": True, "dashboard_address": ":0"}
 
 
+#: distributed's shipped default for ``distributed.scheduler.worker-saturation``
+_DASK_DEFAULT_SATURATION = 1.1
+
+
+@contextlib.contextmanager
+def _local_scheduler_config() -> Iterator[None]:
+    """Config for a scheduler started in this process (read when it starts).
+
+    Queued (root-ish) tasks go to a worker only while it has fewer than
+    ``ceil(worker-saturation * nthreads)`` tasks; for the single-threaded workers used
+    here the default 1.1 means two: each worker holds one task ready behind the running
+    one, and queued tasks are not stolen. With runs ingested as one task of seconds each,
+    a worker then starts the last run queued behind its current one while the other
+    worker idles (measured: one worker busy 10.6 s, the other 8.8 s, of a 10.9 s job;
+    tests/benchmarks/RESULTS.md, session 9). 1.0 hands a task to a worker only when it
+    is free, at the cost of one scheduler round trip (~ms) between tasks. A value the
+    user configured (anything but distributed's default) is kept.
+    """
+    import dask
+
+    key = "distributed.scheduler.worker-saturation"
+    current = dask.config.get(key, _DASK_DEFAULT_SATURATION)
+    if str(current) != str(_DASK_DEFAULT_SATURATION):
+        yield
+        return
+    with dask.config.set({key: 1.0}):
+        yield
+
+
 def _manager(kind: str) -> Any:
     """The cluster-manager class (or Gateway) of ``kind``; a clear error if not installed."""
     module, attr, dist, extra = _MANAGERS[kind]
@@ -82,6 +111,13 @@ def make_cluster(cfg: ClusterConfig) -> Any:
         :class:`distributed.LocalCluster` sized by :func:`default_local_cluster_kwargs`
         (``n_workers`` workers, or none to start with when ``adapt`` is set), with
         ``options`` overriding; ``kubernetes`` passes ``n_workers`` to ``KubeCluster``.
+
+    Notes
+    -----
+    The schedulers started here (``local``, ``slurm``, ``pbs``) give a worker a queued
+    task only when it is free (``distributed.scheduler.worker-saturation`` 1.0 unless
+    configured otherwise; see ``_local_scheduler_config``); ``deploy/k8s`` sets the same
+    for its scheduler pod.
 
     Raises
     ------
@@ -116,7 +152,10 @@ def make_cluster(cfg: ClusterConfig) -> Any:
         if kind == "gateway":
             gateway = manager(address=cfg.address) if cfg.address else manager()
             return gateway.new_cluster(**options)
-        # slurm, pbs: no job is submitted here; workers come with scale() / adapt()
+        if kind in ("local", "slurm", "pbs"):  # their scheduler starts in this process
+            with _local_scheduler_config():
+                # slurm, pbs: no job is submitted here; workers come with scale() / adapt()
+                return manager(**options)
         return manager(**options)
     except (TypeError, ValueError) as e:  # an option the class does not take, or lacks
         what = "Gateway.new_cluster" if kind == "gateway" else manager.__name__

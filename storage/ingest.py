@@ -1045,13 +1045,14 @@ def _map_runs(specs, ref, options, source_options, overwrite, client,
     if client is not None:
         from distributed import as_completed
 
-        futures = [
-            client.submit(ingest_run, spec, ref, options, source_options, overwrite=overwrite,
-                          reducers=reducers,
-                          key=f"ingest-{spec.run_id}-{dask.base.tokenize(ref.url, options)}",
-                          pure=False)
-            for spec in specs
-        ]
+        token = dask.base.tokenize(ref.url, options)
+        # one graph update for all runs: the scheduler then sees one group larger than the
+        # cluster and queues it, handing each worker a run as it frees up (submitted one by
+        # one, the first few would be assigned to workers before the group looks large)
+        futures = client.map(ingest_run, list(specs), store=ref, options=options,
+                             source_options=source_options, overwrite=overwrite,
+                             reducers=reducers, pure=False,
+                             key=[f"ingest-{spec.run_id}-{token}" for spec in specs])
         if progress and callback is None:
             from distributed import progress as dprogress
 

@@ -32,6 +32,8 @@ def test_daskcluster_resource_fields():
     assert container["envFrom"][0]["secretRef"]["name"] == "boldflow-object-store"
     sched = doc["spec"]["scheduler"]
     assert sched["spec"]["containers"][0]["args"] == ["dask", "scheduler"]
+    env = {e["name"]: e["value"] for e in sched["spec"]["containers"][0]["env"]}
+    assert float(env["DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION"]) == 1.0
     ports = {p["name"]: p["port"] for p in sched["service"]["ports"]}
     assert ports == {"tcp-comm": 8786, "http-dashboard": 8787}
     secret = yaml.safe_load((ROOT / "deploy" / "k8s" / "secret-example.yaml").read_text())
@@ -45,4 +47,5 @@ def test_slurm_recipe():
     for key in ("cores", "processes", "memory", "walltime", "job-script-prologue"):
         assert key in slurm
     assert slurm["cores"] % slurm["processes"] == 0
+    assert conf["distributed"]["scheduler"]["worker-saturation"] == 1.0
     ast.parse((ROOT / "deploy" / "slurm" / "start_cluster.py").read_text())

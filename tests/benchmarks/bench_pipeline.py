@@ -405,7 +405,8 @@ def machine_facts(args, n_bytes: float) -> list[str]:
         f"x {args.volumes} volumes, {args.dtype} ({n_bytes / MB:.0f} MB of BOLD "
         "uncompressed in all); TR 2 s",
         f"- boldflow: LocalCluster({args.workers} worker processes x 1 thread, memory_limit="
-        f"{args.memory_limit}); nilearn: serial, in the client process",
+        f"{args.memory_limit}) as `boldflow run` starts it (pipeline.cluster.make_cluster); "
+        "nilearn: serial, in the client process",
     ]
 
 
@@ -450,6 +451,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="repetitions of boldflow runs")
     ap.add_argument("--e2e-repeats", type=int, default=2,
                     help="repetitions of the end-to-end boldflow job (part 3)")
+    ap.add_argument("--paired", type=int, default=0,
+                    help="part 3: rounds of nilearn, boldflow and the gunzip limit run back "
+                         "to back, reported as per-round ratios (for hosts whose speed "
+                         "drifts)")
     ap.add_argument("--nilearn-repeats", type=int, default=1,
                     help="repetitions of nilearn (parts 1 and 2/3)")
     ap.add_argument("--parts", default="1,2,3,5")
@@ -461,9 +466,11 @@ def main() -> None:
     warnings.simplefilter("ignore")  # nilearn's deprecation/future notes, dask's UserWarnings
     t_start = time.perf_counter()
 
-    from distributed import Client, LocalCluster, get_task_stream, performance_report
+    from distributed import Client, get_task_stream, performance_report
 
     import storage
+    from pipeline.cluster import make_cluster
+    from pipeline.config import ClusterConfig
 
     shape = [int(s) for s in args.shape.split(",")]
     root = make_data(args.data, args.subjects, shape, args.volumes, args.dtype)
@@ -482,15 +489,19 @@ def main() -> None:
         print(line, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bf-bench-") as tmp_, \
-            LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                         memory_limit=args.memory_limit, dashboard_address=":0") as cluster, \
+            make_cluster(ClusterConfig(n_workers=args.workers,  # what `boldflow run` starts
+                                       memory_limit=args.memory_limit)) as cluster, \
             Client(cluster) as client:
         tmp = Path(tmp_)
         pids = list(client.run(os.getpid).values())
-        client.run(lambda: [__import__(m) for m in ("storage", "pipeline.signal",
-                                                    "pipeline.jobs", "nilearn.signal")])
-        for mod in ("pipeline.jobs", "pipeline.signal", "nilearn.maskers"):
-            importlib.import_module(mod)  # import cost is not pipeline cost
+        # import cost is not pipeline cost, on either side: nilearn.connectome alone
+        # takes ~0.8 s (it imports sklearn.utils.estimator_checks, hence pytest), paid by
+        # each worker's first connectivity otherwise
+        warm = ("storage", "pipeline.signal", "pipeline.jobs", "pipeline.connectivity",
+                "nilearn.signal", "nilearn.connectome")
+        client.run(lambda: [importlib.import_module(m) for m in warm])
+        for mod in (*warm, "nilearn.maskers"):
+            importlib.import_module(mod)
 
         store = tmp / "study.zarr"
         with measured(client, pids) as ingest_rec:
@@ -509,6 +520,8 @@ def main() -> None:
         say(f"- store: default ingest options (chunk_bytes 32MiB, batch_bytes 128MiB) -> "
             f"on-disk chunks {tuple(chunks)}; ingest of the {len(runs)} runs took "
             f"{ingest_rec['wall']:.1f} s")
+        sat = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION)
+        say(f"- scheduler: distributed.scheduler.worker-saturation = {sat}")
         say(f"- load average at start: {load0[0]:.1f} (1 min), {load0[1]:.1f} (5 min)")
 
         # ---------------------------------------------------------------- part 1 + 5
@@ -719,6 +732,22 @@ def main() -> None:
                         client.gather(client.map(gunzip_file, [r["bold"] for r in runs],
                                                  pure=False))
                     gz.append(rec)
+                paired: list[tuple[float, float, float]] = []  # (nilearn, boldflow, gunzip) s
+                for rep in range(args.paired):
+                    # neighbours in time: one round of each, so that a host whose speed
+                    # drifts (shared VM) slows both sides of a ratio alike
+                    with measured() as nl_rec:
+                        nilearn_labels(runs, atlas)
+                    outdir, st = tmp / f"out-pair-{rep}", tmp / f"pair-{rep}.zarr"
+                    job = pipeline_job(str(root), outdir, atlas, store=st, groups=True)
+                    with measured(client, pids) as bf_rec:
+                        run_pipeline(job, client)
+                    shutil.rmtree(outdir, ignore_errors=True)
+                    shutil.rmtree(st, ignore_errors=True)
+                    with measured(client, pids) as gz_rec:
+                        client.gather(client.map(gunzip_file, [r["bold"] for r in runs],
+                                                 pure=False))
+                    paired.append((nl_rec["wall"], bf_rec["wall"], gz_rec["wall"]))
                 check3 = check_matrices(result, ref_mats)
                 say("\n### 3. End to end from .nii.gz (boldflow includes ingest and the group "
                     "comparison)\n")
@@ -731,6 +760,18 @@ def main() -> None:
                 say(fmt_row("limit: only gunzip the .nii.gz files on the same workers (ISA-L, "
                             "what ingest uses); the best any pipeline reading them can do",
                             gz, "cpu_workers+cpu_client", "rss_workers_max", ref_w, ref_c, 5))
+                if paired:
+                    say(f"\nPaired rounds (nilearn, then boldflow, then the gunzip limit, "
+                        f"{len(paired)} times; wall s):\n")
+                    say("| round | nilearn | boldflow | gunzip limit | boldflow speed-up | "
+                        "limit speed-up |\n|---|---|---|---|---|---|")
+                    for i, (a, b, g) in enumerate(paired):
+                        say(f"| {i + 1} | {a:.1f} | {b:.1f} | {g:.1f} | {a / b:.2f}x | "
+                            f"{a / g:.2f}x |")
+                    r_bf = statistics.median(a / b for a, b, _ in paired)
+                    r_gz = statistics.median(a / g for a, _, g in paired)
+                    say(f"| **median of the rounds' ratios** |  |  |  | **{r_bf:.2f}x** "
+                        f"({'met' if r_bf >= 5 else 'not met'}: >= 5x) | {r_gz:.2f}x |")
                 cmp = result.comparisons.get("correlation")
                 say(f"\nAgreement: max |boldflow - nilearn| over the correlation matrices = "
                     f"{check3['max']:.2e}; group comparison: "

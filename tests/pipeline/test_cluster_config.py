@@ -7,6 +7,7 @@ this process) and their job scripts checked, never scaled.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import dask
@@ -156,3 +157,51 @@ def test_local_cluster_options_and_adapt():
         info = c.scheduler_info()["workers"]
         assert len(info) == 1
         assert next(iter(info.values()))["memory_limit"] == 2**30
+
+
+def _wait_event(name: str, i: int) -> int:
+    from distributed import Event
+
+    Event(name).wait(30)
+    return i
+
+
+def _processing_per_worker(dask_scheduler) -> list[int]:
+    return sorted(len(ws.processing) for ws in dask_scheduler.workers.values())
+
+
+def test_local_scheduler_gives_a_queued_task_only_to_a_free_worker():
+    # single-threaded workers under distributed's default saturation (1.1) each hold a
+    # second queued task behind the running one, which is never stolen: the last long
+    # task can start behind another while a worker idles
+    from distributed import Event, wait
+
+    client, cluster = client_from_config({"n_workers": 2, "options": {"processes": False}})
+    try:
+        gate = Event("bf-gate", client=client)
+        # one graph update, as ingestion submits its runs
+        futs = client.map(_wait_event, ["bf-gate"] * 8, range(8), pure=False)
+        deadline = time.monotonic() + 30
+        while client.run_on_scheduler(_processing_per_worker) != [1, 1]:
+            assert time.monotonic() < deadline, client.run_on_scheduler(_processing_per_worker)
+            time.sleep(0.05)
+        time.sleep(0.2)  # nothing more is handed out while both run
+        assert client.run_on_scheduler(_processing_per_worker) == [1, 1]
+        queued = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.queued))
+        assert queued == 6
+        gate.set()
+        wait(futs)
+        assert client.gather(futs) == list(range(8))
+    finally:
+        client.close()
+        cluster.close()
+    # a value the user configured is theirs
+    with dask.config.set({"distributed.scheduler.worker-saturation": 2.0}):
+        client, cluster = client_from_config({"n_workers": 1,
+                                              "options": {"processes": False}})
+    try:
+        assert client.run_on_scheduler(
+            lambda dask_scheduler: dask_scheduler.WORKER_SATURATION) == 2.0
+    finally:
+        client.close()
+        cluster.close()
