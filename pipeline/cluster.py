@@ -57,7 +57,7 @@ _DASK_DEFAULT_SATURATION = 1.1
 
 
 @contextlib.contextmanager
-def _local_scheduler_config() -> Iterator[None]:
+def _in_process_scheduler_config() -> Iterator[None]:
     """Config for a scheduler started in this process (read when it starts).
 
     Queued (root-ish) tasks go to a worker only while it has fewer than
@@ -116,7 +116,7 @@ def make_cluster(cfg: ClusterConfig) -> Any:
     -----
     The schedulers started here (``local``, ``slurm``, ``pbs``) give a worker a queued
     task only when it is free (``distributed.scheduler.worker-saturation`` 1.0 unless
-    configured otherwise; see ``_local_scheduler_config``); ``deploy/k8s`` sets the same
+    configured otherwise; see ``_in_process_scheduler_config``); ``deploy/k8s`` sets the same
     for its scheduler pod.
 
     Raises
@@ -153,7 +153,7 @@ def make_cluster(cfg: ClusterConfig) -> Any:
             gateway = manager(address=cfg.address) if cfg.address else manager()
             return gateway.new_cluster(**options)
         if kind in ("local", "slurm", "pbs"):  # their scheduler starts in this process
-            with _local_scheduler_config():
+            with _in_process_scheduler_config():
                 # slurm, pbs: no job is submitted here; workers come with scale() / adapt()
                 return manager(**options)
         return manager(**options)
