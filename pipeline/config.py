@@ -230,6 +230,8 @@ class IngestConfig(_Section):
     series_bytes: str | None = "128MiB"
     codec: Literal["lz4", "zstd", "lz4hc", "blosclz", "zlib"] = "lz4"
     clevel: int = Field(1, ge=0, le=9)
+    # false: store the region sums of the job's atlas, not the voxels (labels jobs only)
+    voxels: bool = True
 
     _sizes = field_validator("chunk_bytes", "batch_bytes", "shard_bytes", "series_bytes",
                              mode="before")(classmethod(lambda cls, v: _size(v)))
@@ -282,6 +284,20 @@ class JobConfig(_Section):
             raise ValueError("connectivity needs a parcellate section (region signals)")
         if any(s.region for s in self.seeds) and self.parcellate is None:
             raise ValueError("a seed given by region needs a parcellate section")
+        if not self.ingest.voxels:
+            needs = [what for what, bad in (
+                ("a parcellate section", self.parcellate is None),
+                ("a labels atlas (parcellate.kind maps)",
+                 self.parcellate is not None and self.parcellate.kind == "maps"),
+                ("mask.strategy run", self.mask.strategy != "run"),
+                ("clean.level region", self.clean is not None and self.clean.level == "voxel"),
+                ("no seeds", bool(self.seeds)),
+                ("no export.cleaned_bold", self.export.cleaned_bold),
+                ("no decompose section", self.decompose is not None)) if bad]
+            if needs:
+                raise ValueError("ingest.voxels: false stores only region sums of a labels "
+                                 f"atlas; this job needs voxels (it would need "
+                                 f"{', '.join(needs)})")
         return self
 
     def resolve_paths(self, base: Path) -> JobConfig:

@@ -40,7 +40,7 @@ import xarray as xr
 
 import storage
 
-from .config import JobConfig, load_config
+from .config import ConfigError, JobConfig, load_config
 
 __all__ = ["Job", "JobResult", "Pipeline", "run_prefix"]
 
@@ -384,6 +384,10 @@ class Pipeline:
                 # region sums in ingestion's own pass when that is all the runs need
                 reducer = label_sums_reducer(cfg)
                 ic = cfg.ingest
+                if not ic.voxels and reducer is None:
+                    raise ConfigError(f"ingest.voxels: false needs a labels atlas read "
+                                      f"from a local file; {cfg.parcellate.atlas} is a "
+                                      "maps atlas (4D) or cannot be read here")
                 catalog = storage.ingest(
                     cfg.input, store, client=job.client, storage_options=opts,
                     source_options=opts, subjects=cfg.subjects, sessions=cfg.sessions,
@@ -391,7 +395,7 @@ class Pipeline:
                     reducers=(reducer,) if reducer is not None else (),
                     chunk_bytes=ic.chunk_bytes, batch_bytes=ic.batch_bytes,
                     shard_bytes=ic.shard_bytes, series_bytes=ic.series_bytes,
-                    cname=ic.codec, clevel=ic.clevel)
+                    cname=ic.codec, clevel=ic.clevel, voxels=ic.voxels)
             except BaseException:
                 for fut in early.values():
                     fut.cancel()
@@ -888,6 +892,11 @@ class _Context:
                 ingested = self._ingested_signals(group, full)
                 if ingested is not None and dummy.start:
                     ingested = ingested.isel(time=dummy)
+        if ingested is None and "bold" not in full:
+            raise storage.StoreError(
+                f"{self.bs.ref}: run {group!r} was ingested without voxels and holds no "
+                "region sums for this job's atlas and mask; ingest it again (with "
+                "ingest.voxels: true, or without voxels for this atlas)")
         ds = stored
         if not chunk_labels:
             ds = stored.copy()

@@ -179,6 +179,33 @@ def _chunk_label_sums(block: np.ndarray, ridx: np.ndarray, n_regions: int) -> np
     return out
 
 
+def _volume_label_sums(block: np.ndarray, plan: tuple[np.ndarray, np.ndarray, np.ndarray],
+                       n_regions: int, step_bytes: int = 8 << 20) -> np.ndarray:
+    # an (x, y, z, t) batch in NIfTI (Fortran) order -> (t, region) sums. Each volume is a
+    # contiguous row of block.T: gather the labelled voxels of a few volumes at a time
+    # (bounded temporaries) and sum each region's run of columns
+    order, present, starts = plan
+    nt = block.shape[3]
+    out = np.zeros((nt, n_regions), dtype=np.float64)
+    if not order.size:
+        return out
+    vols = block.T.reshape(nt, -1)  # a view when block is Fortran-ordered
+    step = max(1, step_bytes // (order.size * 8))
+    for t in range(0, nt, step):
+        rows = np.take(vols[t:t + step], order, axis=1)
+        out[t:t + step, present] = np.add.reduceat(rows, starts, axis=1, dtype=np.float64)
+    return out
+
+
+def _volume_plan(ridx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labelled voxels of ``ridx`` in Fortran flat order, grouped by region."""
+    flat = ridx.ravel(order="F")
+    keep = np.flatnonzero(flat >= 0)
+    order = keep[np.argsort(flat[keep], kind="stable")]
+    present, starts = np.unique(flat[order], return_index=True)
+    return order, present, starts
+
+
 def _region_index(atlas: Atlas, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Column of each voxel's region (-1: unlabelled or outside ``mask``), and counts."""
     n_regions = len(atlas.labels)
@@ -378,7 +405,8 @@ class LabelSums:
     """Region sums of a labels atlas, computed by ingestion while it writes a run.
 
     A :class:`storage.BlockReducer`: ingestion hands it every block it writes (already
-    decompressed and time-last), so raw region means cost no second read of the run. The
+    decompressed and time-last), or each batch of volumes as read when the run is
+    ingested without voxels, so raw region means cost no second read of the run. The
     result, ``derived/<name>`` in the run's group, holds the ``(time, region)`` sums of
     the scaled voxel values over each region's voxels inside the run's brain mask (all
     voxels when the run has none), with the atlas labels, names and voxel counts as
@@ -425,10 +453,19 @@ class _LabelSumsAccumulator:
         self.reducer, self.atlas, self.ridx, self.counts = reducer, atlas, ridx, counts
         self.scale = (slope, inter) if scaled else None
         self.sums = np.zeros((n_volumes, len(atlas.labels)), dtype=np.float64)
+        self._plans: dict[tuple, tuple] = {}
 
     def update(self, index: tuple[slice, ...], block: np.ndarray) -> None:
         sx, sy, sz, st = index
-        part = _chunk_label_sums(block, self.ridx[sx, sy, sz], len(self.atlas.labels))
+        ridx = self.ridx[sx, sy, sz]
+        if block.flags.f_contiguous and not block.flags.c_contiguous:
+            # volumes as read from the NIfTI file (a run ingested without voxels)
+            key = tuple((s.start, s.stop) for s in (sx, sy, sz))
+            if key not in self._plans:
+                self._plans[key] = _volume_plan(ridx)
+            self.sums[st] += _volume_label_sums(block, self._plans[key], len(self.atlas.labels))
+            return
+        part = _chunk_label_sums(block, ridx, len(self.atlas.labels))
         self.sums[st] += part[0, 0, 0]
 
     def finish(self) -> tuple[np.ndarray, dict]:

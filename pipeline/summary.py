@@ -12,7 +12,10 @@ def store_sizes(bs) -> tuple[int, int]:
     """(uncompressed, stored) bytes of all complete runs' ``bold`` arrays."""
     raw = stored = 0
     for group in bs.runs()["group"]:
-        arr = zarr.open_array(bs.zarr_store, path=f"{group}/bold", mode="r")
+        try:
+            arr = zarr.open_array(bs.zarr_store, path=f"{group}/bold", mode="r")
+        except FileNotFoundError:  # ingested without voxels
+            continue
         raw += arr.nbytes
         stored += arr.nbytes_stored()
     return raw, stored
@@ -38,10 +41,14 @@ def describe_store(store, *, storage_options: dict | None = None, max_runs: int 
         if len(ok) > max_runs:
             lines.append(f"... and {len(ok) - max_runs} more")
         first = bs.open_group(ok["group"].iloc[0], chunks=None)
-        bold = first["bold"]
-        lines.append(f"layout of {ok['run_id'].iloc[0]}: bold {dict(bold.sizes)} "
-                     f"chunks {bold.encoding.get('chunks')} shards {bold.encoding.get('shards')}"
-                     f", confounds {first.sizes['confound']} columns")
+        if "bold" in first:
+            bold = first["bold"]
+            lines.append(f"layout of {ok['run_id'].iloc[0]}: bold {dict(bold.sizes)} chunks "
+                         f"{bold.encoding.get('chunks')} shards {bold.encoding.get('shards')}"
+                         f", confounds {first.sizes['confound']} columns")
+        else:
+            lines.append(f"{ok['run_id'].iloc[0]} was ingested without voxels (region sums "
+                         f"only), confounds {first.sizes['confound']} columns")
     failed = cat[cat["status"] == "failed"]
     for _, row in failed.iterrows():
         lines.append(f"FAILED {row['run_id']}: {row['error']}")

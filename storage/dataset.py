@@ -114,6 +114,8 @@ class BoldStore:
             ds = xr.open_zarr(self.zarr_store, group=group, consolidated=False,
                               chunks={}, zarr_format=3)
         if chunks == "time":
+            if "bold" not in ds:  # a run ingested without voxels
+                return _finish(ds)
             # merge each spatial block's time chunks (stages see whole voxel time series),
             # splitting the block in space if all its volumes would exceed block_bytes
             ds["bold"] = ds["bold"].chunk(time_blocks(ds["bold"], block_bytes))
@@ -165,7 +167,8 @@ def time_blocks(bold: xr.DataArray, block_bytes: int | str = "128MiB") -> dict[s
 
 def _finish(ds: xr.Dataset) -> xr.Dataset:
     ds.attrs["affine"] = np.asarray(ds.attrs["affine"], dtype=float)
-    ds["bold"].attrs["affine"] = ds.attrs["affine"]
+    if "bold" in ds:
+        ds["bold"].attrs["affine"] = ds.attrs["affine"]
     ds["mask"].attrs["affine"] = ds.attrs["affine"]
     if ds.sizes["confound"]:
         names = [str(v) for v in ds["confound"].values]
@@ -222,7 +225,8 @@ def open_run(store: str | os.PathLike | StoreRef | BoldStore, subject: str | Non
         ``mask`` (x, y, z; bool), ``confounds`` (time, confound), coordinates ``time``
         (seconds), ``x``/``y``/``z`` (voxel indices) and ``confound`` (column names);
         attrs ``repetition_time`` (s), ``affine`` (4x4 ndarray), ``entities``,
-        ``voxel_size`` and the NIfTI header needed for exact export.
+        ``voxel_size`` and the NIfTI header needed for exact export. A run ingested
+        without voxels (attribute ``voxels`` False) has no ``bold``.
 
     Raises
     ------

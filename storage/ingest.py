@@ -8,7 +8,8 @@ Protocol for each run (it runs on a Dask worker, which opens the store itself):
 3. write the run's group template (metadata, coordinates, mask, confounds) with the
    group attribute ``boldflow_status = "writing"``;
 4. stream the BOLD volumes batch by batch (one sequential pass over the file) into
-   chunk-aligned regions of the ``bold`` array;
+   chunk-aligned regions of the ``bold`` array (a run stored without voxels only passes
+   them through the reducers);
 5. commit: rewrite the group attributes with ``boldflow_status = "complete"`` and the
    fingerprint. That is a single key write, so a reader sees a run as complete only
    after all of its chunks exist.
@@ -104,6 +105,13 @@ class IngestOptions:
         zstd level 1 for 7-10 % larger stores on real BOLD (the HDF5 bitshuffle filter's
         choice for the same reason); ``"zstd"`` for the smallest store. Measured in
         tests/benchmarks/RESULTS.md ("Codec").
+    voxels : bool, default=True
+        Store the voxel data (the ``bold`` array). False keeps only what the run's
+        reducers compute (``derived/``), with the mask, confounds and metadata: for jobs
+        that need nothing else from the voxels (region means of one labels atlas), a
+        store a fraction of the size, written without laying the volumes out as time
+        series or compressing them. Such a run cannot serve another atlas or a voxel-wise
+        stage: those need it ingested again with voxels. Needs at least one reducer.
     """
 
     chunk_bytes: int | str = "32MiB"
@@ -113,6 +121,7 @@ class IngestOptions:
     shuffle: str = "bitshuffle"
     cname: str = "lz4"
     series_bytes: int | str | None = "128MiB"
+    voxels: bool = True
 
     def normalized(self) -> IngestOptions:
         """The same options with sizes in bytes (and validated)."""
@@ -131,6 +140,7 @@ class IngestOptions:
             shuffle=str(self.shuffle),
             cname=str(self.cname),
             series_bytes=parse_bytes(self.series_bytes) if self.series_bytes else None,
+            voxels=bool(self.voxels),
         )
 
 
@@ -142,10 +152,14 @@ class BlockAccumulator(Protocol):
     """Running state of a :class:`BlockReducer` for one run."""
 
     def update(self, index: tuple[slice, slice, slice, slice], block: np.ndarray) -> None:
-        """Take one written block: ``bold[index] == block`` (unscaled, time last).
+        """Take one block of the run: ``bold[index] == block`` (unscaled, time last).
 
-        ``block`` is a read-only, C-contiguous view of a buffer that ingestion refills
-        with the next block: it is only valid during this call (copy what you keep).
+        ``block`` is a read-only view of a buffer that ingestion refills with the next
+        block: it is only valid during this call (copy what you keep). When the run's
+        voxels are stored it is a C-contiguous chunk (or shard) as written; when they are
+        not (``IngestOptions.voxels=False``) it is a whole batch of volumes as read from
+        the NIfTI file, Fortran-ordered (``index`` then spans the whole grid). The values
+        are the same either way: only the memory layout differs.
         """
 
     def finish(self) -> tuple[np.ndarray, dict[str, Any]]:
@@ -315,8 +329,17 @@ def _optional_fingerprint(path: str | None, options: dict) -> dict | None:
     return _file_fingerprint(path, options, full=True)
 
 
-def run_fingerprint(spec: RunSpec, options: IngestOptions, source_options: dict) -> str:
-    """sha256 over the run's input identities, its TR override and the write options."""
+def run_fingerprint(spec: RunSpec, options: IngestOptions, source_options: dict,
+                    reducers: Sequence[BlockReducer] = ()) -> str:
+    """sha256 over the run's input identities, its TR override and the write options.
+
+    A run stored without voxels is only its reducers' results: their names are part of
+    its fingerprint (another atlas re-ingests it). With voxels they are not (a consumer
+    recomputes a missing result from the voxels), and the fingerprint is the one of
+    stores written before ``voxels`` existed.
+    """
+    opts = asdict(options.normalized())
+    derived = None if opts.pop("voxels") else sorted(str(r.name) for r in reducers)
     payload = {
         "format": FORMAT_VERSION,
         "bold": _file_fingerprint(spec.bold, source_options, full=False),
@@ -328,8 +351,11 @@ def run_fingerprint(spec: RunSpec, options: IngestOptions, source_options: dict)
         "t_r": spec.t_r,
         "motion_format": spec.motion_format,
         "entities": spec.entities,
-        "options": asdict(options.normalized()),
+        "options": opts,
     }
+    if derived is not None:
+        payload["voxels"] = False
+        payload["derived"] = derived
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -369,6 +395,8 @@ def _run_attrs(c: _CheckedRun, fingerprint: str, plan: ChunkPlan) -> dict[str, A
         },
         "chunks": list(plan.chunks),
         "shards": list(plan.shards) if plan.shards else None,
+        # False: no ``bold`` array, only the reducers' results under ``derived/``
+        "voxels": True,
     }
 
 
@@ -379,15 +407,18 @@ def _template(c: _CheckedRun, plan: ChunkPlan, attrs: dict, options: IngestOptio
     geometry = {k: attrs[k] for k in ("affine", "voxel_size", "nifti_header", "repetition_time")}
     mask = c.mask if c.mask is not None else np.ones((nx, ny, nz), dtype=bool)
     conf = c.confounds if c.confounds is not None else pd.DataFrame(index=range(nt))
+    variables = {
+        "bold": (("x", "y", "z", "time"), bold, {**geometry, "long_name": "BOLD signal"}),
+        "mask": (("x", "y", "z"), mask, {**geometry, "long_name": "brain mask"}),
+        "confounds": (("time", "confound"), conf.to_numpy(dtype=np.float64),
+                      {"long_name": "confound regressors",
+                       # fMRIPrep's sidecar (CompCor masks, variance explained)
+                       "metadata": c.confounds_metadata or {}}),
+    }
+    if not options.voxels:
+        del variables["bold"]
     ds = xr.Dataset(
-        {
-            "bold": (("x", "y", "z", "time"), bold, {**geometry, "long_name": "BOLD signal"}),
-            "mask": (("x", "y", "z"), mask, {**geometry, "long_name": "brain mask"}),
-            "confounds": (("time", "confound"), conf.to_numpy(dtype=np.float64),
-                          {"long_name": "confound regressors",
-                           # fMRIPrep's sidecar (CompCor masks, variance explained)
-                           "metadata": c.confounds_metadata or {}}),
-        },
+        variables,
         coords={
             "x": np.arange(nx), "y": np.arange(ny), "z": np.arange(nz),
             "time": ("time", np.arange(nt) * c.t_r, {"units": "s", "long_name": "volume onset"}),
@@ -407,10 +438,11 @@ def _template(c: _CheckedRun, plan: ChunkPlan, attrs: dict, options: IngestOptio
         bold_enc["scale_factor"] = c.bold.slope
         bold_enc["add_offset"] = c.bold.inter
     encoding = {
-        "bold": bold_enc,
         "mask": {"chunks": (nx, ny, nz)},
         "confounds": {"chunks": (nt, max(1, conf.shape[1]))},
     }
+    if options.voxels:
+        encoding["bold"] = bold_enc
     return ds, encoding
 
 
@@ -490,7 +522,11 @@ def ingest_run(spec: RunSpec, store: StoreRef, options: IngestOptions | None = N
     zstore = None
     try:
         c = _check_run(spec, source_options)
-        fingerprint = run_fingerprint(spec, options, source_options)
+        fingerprint = run_fingerprint(spec, options, source_options, reducers)
+        # a run stored with its voxels also serves a request without them
+        accepted = {fingerprint} if options.voxels else {
+            fingerprint, run_fingerprint(spec, dataclasses.replace(options, voxels=True),
+                                         source_options)}
         zstore = store.open()
         path = spec.group_path
         if not overwrite:
@@ -498,9 +534,9 @@ def ingest_run(spec: RunSpec, store: StoreRef, options: IngestOptions | None = N
                 grp = zarr.open_group(zstore, path=path, mode="r", use_consolidated=False)
                 attrs = dict(grp.attrs)
                 if (attrs.get(STATUS_ATTR) == "complete"
-                        and attrs.get("boldflow_fingerprint") == fingerprint):
+                        and attrs.get("boldflow_fingerprint") in accepted):
                     return _catalog_row(spec, "complete", c=c, action="skipped",
-                                        fingerprint=fingerprint,
+                                        fingerprint=attrs["boldflow_fingerprint"],
                                         seconds=time.perf_counter() - start)
         nbytes = _write_run(c, zstore, path, fingerprint, options, reducers)
         return _catalog_row(spec, "complete", c=c, action="ingested", fingerprint=fingerprint,
@@ -816,6 +852,10 @@ def _write_run(c: _CheckedRun, zstore, path: str, fingerprint: str,
                             series_bytes=options.series_bytes, mask=c.mask,
                             masked_series_bytes=(options.series_bytes or 0) // 4 or None)
     attrs = _run_attrs(c, fingerprint, plan)
+    attrs["voxels"] = bool(options.voxels)
+    if not options.voxels and not reducers:
+        raise ValueError(f"{c.spec.run_id}: ingesting without voxels needs at least one "
+                         "reducer (the run would hold no data)")
     ds, encoding = _template(c, plan, attrs, options)
     with warnings.catch_warnings():
         # zarr's notes on v3 string dtypes, and xarray's on scaled integers without a
@@ -825,13 +865,59 @@ def _write_run(c: _CheckedRun, zstore, path: str, fingerprint: str,
         # mode="w" replaces any stale or partial copy of this run (and only this run)
         ds.to_zarr(zstore, group=path, mode="w", compute=False, zarr_format=3,
                    consolidated=False, encoding=encoding)
+    accs = _begin_reducers(reducers, c)
+    if not options.voxels:
+        if len(accs) < len(reducers):
+            raise RuntimeError(f"{c.spec.run_id}: a reducer could not start (logged); "
+                               "without voxels the run would miss its result")
+        nbytes = _reduce_volumes(c, plan, accs)
+    else:
+        nbytes = _write_voxels(c, zstore, path, plan, accs)
+    for name, acc in accs:
+        try:
+            data, meta = acc.finish()
+            data = np.asarray(data)
+            zarr.create_array(zstore, name=f"{path}/derived/{name}", data=data,
+                              attributes=_jsonable(meta), overwrite=True,
+                              dimension_names=[f"dim_{i}" for i in range(data.ndim)])
+        except Exception:
+            if not options.voxels:
+                raise
+            log.warning("%s: reducer %r result not written:\n%s", c.spec.run_id, name,
+                        traceback.format_exc())
+    grp = zarr.open_group(zstore, path=path, mode="r+", use_consolidated=False)
+    attrs[STATUS_ATTR] = "complete"
+    attrs["ingested_at"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    grp.attrs.put(attrs)  # one key write: the commit
+    return nbytes
+
+
+def _reduce_volumes(c: _CheckedRun, plan: ChunkPlan, accs: list) -> int:
+    """A run without voxels: each batch of volumes, checked, goes to the reducers as it
+    was read (NIfTI order, no time-series layout); any reducer error fails the run."""
+    info = c.bold
+    nbytes = 0
+    for t0, raw in iter_volume_batches(info, plan.time_block, reuse=True):
+        _check_finite(raw, info.path, t0)
+        index = (slice(None), slice(None), slice(None), slice(t0, t0 + raw.shape[3]))
+        view = raw.view()
+        view.flags.writeable = False
+        for _name, acc in accs:
+            acc.update(index, view)
+        del view
+        nbytes += raw.nbytes
+        del raw
+    return nbytes
+
+
+def _write_voxels(c: _CheckedRun, zstore, path: str, plan: ChunkPlan, accs: list) -> int:
+    info = c.bold
     # every block is written whole and BOLD chunks are rarely all zero: skip zarr's
     # per-chunk "all fill value?" scan (a full extra pass over the data)
     arr = zarr.open_array(zstore, path=f"{path}/bold", mode="r+").with_config(
         {"write_empty_chunks": True})
     # whole chunks encoded on this thread into reused buffers (zarr's own path otherwise)
     writer = _ChunkWriter.for_array(arr)
-    accs = _begin_reducers(reducers, c)
     nbytes = 0
     # one batch buffer for the run and one block buffer per batch, refilled in place: no
     # batch- or block-sized allocation (and its page faults) each time. Nothing keeps a
@@ -860,20 +946,6 @@ def _write_run(c: _CheckedRun, zstore, path: str, fingerprint: str,
             del block
         nbytes += raw.nbytes
         del raw
-    for name, acc in accs:
-        try:
-            data, meta = acc.finish()
-            data = np.asarray(data)
-            zarr.create_array(zstore, name=f"{path}/derived/{name}", data=data,
-                              attributes=_jsonable(meta), overwrite=True,
-                              dimension_names=[f"dim_{i}" for i in range(data.ndim)])
-        except Exception:
-            log.warning("%s: reducer %r result not written:\n%s", c.spec.run_id, name,
-                        traceback.format_exc())
-    grp = zarr.open_group(zstore, path=path, mode="r+", use_consolidated=False)
-    attrs[STATUS_ATTR] = "complete"
-    attrs["ingested_at"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-    grp.attrs.put(attrs)  # one key write: the commit
     return nbytes
 
 
@@ -965,7 +1037,8 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
            chunk_bytes: int | str = "32MiB", batch_bytes: int | str = "128MiB",
            shard_bytes: int | str | None = None, clevel: int = 1,
            shuffle: str = "bitshuffle", cname: str = "lz4",
-           series_bytes: int | str | None = "128MiB", overwrite: bool = False,
+           series_bytes: int | str | None = "128MiB", voxels: bool = True,
+           overwrite: bool = False,
            progress: bool | Callable[[dict, int], None] = False,
            reducers: Sequence[BlockReducer] = ()) -> pd.DataFrame:
     """Ingest fMRI runs into a Zarr v3 store, in parallel, resumably.
@@ -984,8 +1057,8 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
         fsspec options of the store and of the source (credentials, endpoints).
     subjects, sessions, tasks, runs, spaces : str or list of str, optional
         Discovery filters (BIDS sources only).
-    chunk_bytes, batch_bytes, shard_bytes, clevel, shuffle, cname, series_bytes
-        See :class:`IngestOptions`.
+    chunk_bytes, batch_bytes, shard_bytes, clevel, shuffle, cname, series_bytes, voxels
+        See :class:`IngestOptions` (``voxels=False`` needs ``reducers``).
     overwrite : bool, default=False
         Rewrite runs that are already complete.
     progress : bool or callable, default=False
@@ -1010,7 +1083,10 @@ def ingest(source: str | os.PathLike | RunSpec | Iterable[RunSpec],
     source_options = dict(source_options or {})
     ref = StoreRef.coerce(store, storage_options)
     options = IngestOptions(chunk_bytes, batch_bytes, shard_bytes, clevel,
-                            shuffle, cname, series_bytes).normalized()
+                            shuffle, cname, series_bytes, voxels).normalized()
+    if not options.voxels and not reducers:
+        raise ValueError("voxels=False needs at least one reducer: without voxels a run "
+                         "holds only what its reducers compute")
     filters = {"subjects": subjects, "sessions": sessions, "tasks": tasks, "runs": runs,
                "spaces": spaces}
     specs = _resolve_runs(source, source_options, filters)

@@ -286,7 +286,7 @@ def reads_note(n_reads: int, n_stored: int) -> str:
 
 
 def pipeline_job(input_: str, output: Path, atlas: str, *, store: Path | None = None,
-                 groups: bool = False) -> dict:
+                 groups: bool = False, voxels: bool = True) -> dict:
     job = {"input": input_, "output": str(output),
            "clean": {"strategy": "simple", "level": "region", **{
                k: v for k, v in CLEAN.items() if k != "t_r"}},
@@ -296,6 +296,8 @@ def pipeline_job(input_: str, output: Path, atlas: str, *, store: Path | None = 
         job["store"] = str(store)
     if groups:
         job["connectivity"]["groups"] = "group"
+    if not voxels:
+        job["ingest"] = {"voxels": False}
     return job
 
 
@@ -732,7 +734,9 @@ def main() -> None:
                         client.gather(client.map(gunzip_file, [r["bold"] for r in runs],
                                                  pure=False))
                     gz.append(rec)
-                paired: list[tuple[float, float, float]] = []  # (nilearn, boldflow, gunzip) s
+                # (nilearn, boldflow, gunzip, boldflow without voxels) wall s
+                paired: list[tuple[float, float, float, float]] = []
+                bf_lean: list[dict] = []
                 for rep in range(args.paired):
                     # neighbours in time: one round of each, so that a host whose speed
                     # drifts (shared VM) slows both sides of a ratio alike
@@ -747,7 +751,17 @@ def main() -> None:
                     with measured(client, pids) as gz_rec:
                         client.gather(client.map(gunzip_file, [r["bold"] for r in runs],
                                                  pure=False))
-                    paired.append((nl_rec["wall"], bf_rec["wall"], gz_rec["wall"]))
+                    outdir, st = tmp / f"out-lean-{rep}", tmp / f"lean-{rep}.zarr"
+                    job = pipeline_job(str(root), outdir, atlas, store=st, groups=True,
+                                       voxels=False)
+                    with measured(client, pids) as lean_rec:
+                        lean_result = run_pipeline(job, client)
+                    lean_bytes = sum(p.stat().st_size for p in st.rglob("*") if p.is_file())
+                    shutil.rmtree(outdir, ignore_errors=True)
+                    shutil.rmtree(st, ignore_errors=True)
+                    bf_lean.append(lean_rec)
+                    paired.append((nl_rec["wall"], bf_rec["wall"], gz_rec["wall"],
+                                   lean_rec["wall"]))
                 check3 = check_matrices(result, ref_mats)
                 say("\n### 3. End to end from .nii.gz (boldflow includes ingest and the group "
                     "comparison)\n")
@@ -760,18 +774,29 @@ def main() -> None:
                 say(fmt_row("limit: only gunzip the .nii.gz files on the same workers (ISA-L, "
                             "what ingest uses); the best any pipeline reading them can do",
                             gz, "cpu_workers+cpu_client", "rss_workers_max", ref_w, ref_c, 5))
+                if bf_lean:
+                    say(fmt_row("**boldflow Pipeline, `ingest.voxels: false`** (region sums "
+                                "stored, not the voxels; paired rounds below)", bf_lean,
+                                "cpu_workers+cpu_client", "rss_workers_max", ref_w, ref_c, 5))
                 if paired:
-                    say(f"\nPaired rounds (nilearn, then boldflow, then the gunzip limit, "
-                        f"{len(paired)} times; wall s):\n")
-                    say("| round | nilearn | boldflow | gunzip limit | boldflow speed-up | "
-                        "limit speed-up |\n|---|---|---|---|---|---|")
-                    for i, (a, b, g) in enumerate(paired):
-                        say(f"| {i + 1} | {a:.1f} | {b:.1f} | {g:.1f} | {a / b:.2f}x | "
-                            f"{a / g:.2f}x |")
-                    r_bf = statistics.median(a / b for a, b, _ in paired)
-                    r_gz = statistics.median(a / g for a, _, g in paired)
-                    say(f"| **median of the rounds' ratios** |  |  |  | **{r_bf:.2f}x** "
-                        f"({'met' if r_bf >= 5 else 'not met'}: >= 5x) | {r_gz:.2f}x |")
+                    say(f"\nPaired rounds (nilearn, boldflow, the gunzip limit, boldflow "
+                        f"without voxels, {len(paired)} times; wall s):\n")
+                    say("| round | nilearn | boldflow | gunzip limit | no voxels | boldflow "
+                        "speed-up | limit speed-up | no-voxels speed-up |\n"
+                        "|---|---|---|---|---|---|---|---|")
+                    for i, (a, b, g, v) in enumerate(paired):
+                        say(f"| {i + 1} | {a:.1f} | {b:.1f} | {g:.1f} | {v:.1f} | {a / b:.2f}x "
+                            f"| {a / g:.2f}x | {a / v:.2f}x |")
+                    r_bf = statistics.median(p[0] / p[1] for p in paired)
+                    r_gz = statistics.median(p[0] / p[2] for p in paired)
+                    r_lean = statistics.median(p[0] / p[3] for p in paired)
+                    say(f"| **median of the rounds' ratios** |  |  |  |  | **{r_bf:.2f}x** "
+                        f"({'met' if r_bf >= 5 else 'not met'}: >= 5x) | {r_gz:.2f}x | "
+                        f"**{r_lean:.2f}x** |")
+                    check_lean = check_matrices(lean_result, ref_mats)
+                    say(f"\nWithout voxels: max |boldflow - nilearn| over the correlation "
+                        f"matrices = {check_lean['max']:.2e}; store {lean_bytes / MB:.1f} MB "
+                        f"(the run's sums, confounds, mask, metadata).")
                 cmp = result.comparisons.get("correlation")
                 say(f"\nAgreement: max |boldflow - nilearn| over the correlation matrices = "
                     f"{check3['max']:.2e}; group comparison: "

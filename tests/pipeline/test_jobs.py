@@ -374,3 +374,54 @@ def test_ingest_section_sets_the_store_layout(tmp_path, sim, client):
     ref = Pipeline(_job(sim, tmp_path / "ref", subjects=["01", "02"])).submit(client).result()
     np.testing.assert_allclose(result.matrices["pearson"].values,
                                ref.matrices["pearson"].values, rtol=1e-9, atol=1e-12)
+
+
+def test_ingest_without_voxels_gives_the_same_outputs_from_a_smaller_store(tmp_path, sim,
+                                                                           client):
+    """``ingest.voxels: false``: region sums only; outputs equal the voxel store's job."""
+    from pipeline.summary import describe_store
+
+    subjects = ["01", "02", "04"]
+    ref = Pipeline(_job(sim, tmp_path / "ref", subjects=subjects)).submit(client).result()
+    job = _job(sim, tmp_path / "out", subjects=subjects, ingest={"voxels": False})
+    result = Pipeline(job).submit(client).result()
+    assert (result.runs["status"] == "complete").all(), result.runs["error"].tolist()
+    for kind in ("pearson", "correlation"):
+        np.testing.assert_allclose(result.matrices[kind].values, ref.matrices[kind].values,
+                                   rtol=1e-9, atol=1e-12)
+    name = "sub-01_task-rest_space-MNI152NLin2009cAsym_seg-sim_stat-mean_timeseries.tsv"
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "out" / "sub-01" / "func" / name, sep="\t"),
+        pd.read_csv(tmp_path / "ref" / "sub-01" / "func" / name, sep="\t"),
+        check_exact=False, rtol=1e-9)
+    store = tmp_path / "out" / "boldflow.zarr"
+    assert not list(store.rglob("bold/zarr.json"))  # no voxel array at all
+    _check_report(result.runs, store, Path(sim.root), fused=True)  # the sums were read
+    size = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+    ref_size = sum(p.stat().st_size for p in (tmp_path / "ref" / "boldflow.zarr").rglob("*")
+                   if p.is_file())
+    assert size < ref_size / 5
+    assert "ingested without voxels" in describe_store(store)
+    # a re-run skips ingestion and the runs; a job that needs voxels re-ingests with them
+    again = Pipeline(job).submit(client).result()
+    assert (again.runs["ingest"] == "skipped").all()
+    assert (again.runs["status"] == "skipped").all()
+    voxel = Pipeline(_job(sim, tmp_path / "out", subjects=subjects,
+                          clean={"level": "voxel"})).submit(client).result()
+    assert (voxel.runs["ingest"] == "ingested").all()
+    assert (voxel.runs["status"] == "complete").all(), voxel.runs["error"].tolist()
+    assert len(list(store.rglob("bold/zarr.json"))) == len(subjects)
+
+
+@pytest.mark.parametrize("change,needs", [
+    ({"clean": {"level": "voxel"}}, "clean.level region"),
+    ({"mask": {"strategy": "epi"}}, "mask.strategy run"),
+    ({"seeds": [{"name": "a", "coords": [0, 0, 0]}]}, "no seeds"),
+    ({"export": {"cleaned_bold": True}}, "no export.cleaned_bold"),
+    ({"parcellate": {"kind": "maps"}}, "a labels atlas"),
+])
+def test_ingest_without_voxels_refuses_jobs_that_need_them(sim, tmp_path, change, needs):
+    job = _job(sim, tmp_path / "out", ingest={"voxels": False}, **change)
+    with pytest.raises(ConfigError, match=r"ingest\.voxels: false") as err:
+        load_config(job)
+    assert needs in str(err.value)

@@ -216,6 +216,39 @@ def test_label_sums_at_ingest_scaled_int16_real_atlas_with_empty_regions(tmp_pat
         np.testing.assert_allclose(fused.values[:, ~empty], ref, rtol=1e-5)
 
 
+def test_label_sums_without_voxels_equal_stored_voxels_and_nilearn(tmp_path):
+    """Real scaled int16 data ingested without voxels (volumes in file order, several
+    batches): the same sums as with voxels, and NiftiLabelsMasker's means."""
+    from pipeline.jobs import _file_sha
+    from pipeline.parcellation import LabelSums
+
+    src = nib.load(HAXBY / "run-001" / "bold_25mm.nii.gz")
+    img = nib.Nifti1Image(np.asanyarray(src.dataobj).astype(np.int16), src.affine, src.header)
+    img.header.set_slope_inter(0.5, 10.0)
+    bold_path = tmp_path / "bold.nii.gz"
+    img.to_filename(bold_path)
+    mask_path = HAXBY / "masks" / "25mm" / "brain.nii.gz"
+    spec = storage.RunSpec(bold=str(bold_path), mask=str(mask_path),
+                           entities={"sub": "001", "task": "objects"}, t_r=2.5)
+    atlas_path = ATLASES / ("tpl-MNI152NLin6Asym_atlas-Schaefer2018v0143_res-02_"
+                            "desc-100Parcels17Networks_dseg.nii.gz")
+    reducer = LabelSums(str(atlas_path), _file_sha(str(atlas_path)))
+    kw = {"chunk_bytes": "8KiB", "batch_bytes": "200KiB", "reducers": [reducer]}
+    storage.ingest([spec], tmp_path / "full.zarr", **kw)
+    cat = storage.ingest([spec], tmp_path / "lean.zarr", voxels=False, **kw)
+    assert list(cat["status"]) == ["complete"]
+    ds, _, lean = _fused(tmp_path / "lean.zarr", "001", atlas_path)
+    assert "bold" not in ds
+    _, _, full = _fused(tmp_path / "full.zarr", "001", atlas_path)
+    np.testing.assert_allclose(lean.values, full.values, rtol=1e-12, equal_nan=True)
+    np.testing.assert_array_equal(lean["n_voxels"].values, full["n_voxels"].values)
+    masker = NiftiLabelsMasker(labels_img=str(atlas_path), mask_img=str(mask_path),
+                               standardize=None)
+    ref = _quiet(masker.fit_transform, str(bold_path))
+    keep = lean["n_voxels"].values > 0
+    np.testing.assert_allclose(lean.values[:, keep], ref, rtol=1e-5)
+
+
 @pytest.mark.parametrize("strategy_confounds", [False, True])
 def test_region_level_cleaning_equals_labels_masker(sim, strategy_confounds):
     """NiftiLabelsMasker averages raw voxels, then cleans the region signals."""

@@ -110,7 +110,9 @@ class _VoxelStatsAcc:
         self.seen = np.zeros(info.shape, dtype=np.int8)
 
     def update(self, index, block):
-        assert block.flags.c_contiguous  # time last, as stored
+        # time last as stored, or (a run without voxels) volumes as read from the file
+        assert block.flags.c_contiguous or block.flags.f_contiguous
+        assert not block.flags.writeable
         self.sums[index[:3]] += block.sum(axis=3)
         self.means[index[3]] += block[self.mask[index[:3]]].sum(axis=0) / self.mask.sum()
         self.seen[index] += 1
@@ -151,6 +153,63 @@ def test_reducers_see_every_block_once_and_are_stored_before_commit(tmp_path, la
     again = storage.ingest([spec], tmp_path / "s.zarr", chunk_bytes=vol * 10 // 5,
                            batch_bytes=vol * 10, reducers=[_Broken()], **layout)
     assert list(again["action"]) == ["skipped"]
+
+
+class _Late:
+    """Test reducer that fails on the second batch it is given."""
+
+    name = "late"
+
+    def begin(self, info, mask):
+        return _LateAcc()
+
+
+class _LateAcc:
+    calls = 0
+
+    def update(self, index, block):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("second batch refused")
+
+    def finish(self):
+        return np.zeros(1), {}
+
+
+def test_without_voxels_reducers_get_the_file_order_and_resume_rules(tmp_path):
+    """voxels=False: no bold array, the reducers' results equal the stored-voxels path's;
+    re-runs skip, a request with voxels rewrites, a run with voxels serves both."""
+    spec = make_run(tmp_path / "in", "01", shape=(16, 16, 12, 30), dtype="int16",
+                    slope=0.5, inter=2.0)
+    vol = 16 * 16 * 12 * 2
+    kw = {"chunk_bytes": vol * 10 // 5, "batch_bytes": vol * 7}  # 5 batches, one short
+    full, lean = tmp_path / "full.zarr", tmp_path / "lean.zarr"
+    storage.ingest([spec], full, reducers=[_VoxelStats()], **kw)
+    cat = storage.ingest([spec], lean, reducers=[_VoxelStats()], voxels=False, **kw)
+    assert list(cat["status"]) == ["complete"] and list(cat["action"]) == ["ingested"]
+    g_full = zarr.open_group(str(full), path="sub-01/task-rest", mode="r")
+    g_lean = zarr.open_group(str(lean), path="sub-01/task-rest", mode="r")
+    assert "bold" not in g_lean and g_lean.attrs["voxels"] is False
+    assert g_full.attrs["voxels"] is True
+    np.testing.assert_allclose(g_lean["derived/voxelstats"][...],
+                               g_full["derived/voxelstats"][...], rtol=1e-12)
+    np.testing.assert_allclose(g_lean["derived/voxelstats"].attrs["means"],
+                               g_full["derived/voxelstats"].attrs["means"], rtol=1e-12)
+    ds = storage.open_run(lean, subject="01", task="rest")
+    assert set(ds.data_vars) == {"mask", "confounds"} and ds.sizes["time"] == 30
+    # the same request again: skipped; with voxels: rewritten with them
+    again = storage.ingest([spec], lean, reducers=[_VoxelStats()], voxels=False, **kw)
+    assert list(again["action"]) == ["skipped"]
+    other = storage.ingest([spec], lean, reducers=[_Late()], voxels=False, **kw)
+    assert list(other["action"]) == ["failed"]  # other reducers: re-ingested (and failed)
+    assert "second batch refused" in other["error"].iloc[0]
+    assert "sub-01/task-rest" not in zarr.open_group(str(lean), mode="r")  # nothing left
+    # a run stored with voxels serves a request without them (nothing is dropped)
+    skip = storage.ingest([spec], full, reducers=[_VoxelStats()], voxels=False, **kw)
+    assert list(skip["action"]) == ["skipped"]
+    assert "bold" in zarr.open_group(str(full), path="sub-01/task-rest", mode="r")
+    with pytest.raises(ValueError, match="needs at least one reducer"):
+        storage.ingest([spec], lean, voxels=False)
 
 
 def test_default_codec_is_lz4_bitshuffle_and_zstd_is_an_option(tmp_path):
