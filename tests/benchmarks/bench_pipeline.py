@@ -754,8 +754,10 @@ def main() -> None:
                     outdir, st = tmp / f"out-lean-{rep}", tmp / f"lean-{rep}.zarr"
                     job = pipeline_job(str(root), outdir, atlas, store=st, groups=True,
                                        voxels=False)
-                    with measured(client, pids) as lean_rec:
+                    with get_task_stream(client) as ts_lean, \
+                            measured(client, pids) as lean_rec:
                         lean_result = run_pipeline(job, client)
+                    stream_lean = (ts_lean.data, lean_rec["wall"])
                     lean_bytes = sum(p.stat().st_size for p in st.rglob("*") if p.is_file())
                     shutil.rmtree(outdir, ignore_errors=True)
                     shutil.rmtree(st, ignore_errors=True)
@@ -817,6 +819,14 @@ def main() -> None:
                 say("\nPer worker (same stream):\n")
                 for line in worker_gaps(stream3[0]):
                     say(line)
+                if bf_lean:
+                    say("\nTask stream of the last round without voxels (ingest_run = gunzip + "
+                        "region sums of one run):\n")
+                    for line in task_breakdown(*stream_lean, args.workers):
+                        say(line)
+                    say("")
+                    for line in worker_gaps(stream_lean[0]):
+                        say(line)
 
     say(f"\nload average at end: {os.getloadavg()[0]:.1f}; total script time "
         f"{time.perf_counter() - t_start:.0f} s")
