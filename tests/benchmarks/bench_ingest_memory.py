@@ -11,7 +11,8 @@ Run (not part of the test suite)::
     python tests/benchmarks/bench_ingest_memory.py --volumes 1200 --volumes 300 --no-voxels
 
 ``--no-voxels``: ingest as a labels job with ``ingest.voxels: false`` does (region sums of
-the simulated atlas, computed from the volume batches; no ``bold`` array).
+the simulated atlas, computed from the volume batches; no ``bold`` array). ``--sums``:
+with voxels and the same region-sum reducer (what a labels job's ingest does).
 
 Prints a Markdown table for RESULTS.md.
 """
@@ -62,7 +63,8 @@ class Sampler(threading.Thread):
         return self.peak
 
 
-def measure(root: Path, batch: str, tmp: Path, voxels: bool = True) -> dict:
+def measure(root: Path, batch: str, tmp: Path, voxels: bool = True,
+            sums: bool = False) -> dict:
     import os
 
     from distributed import Client, LocalCluster
@@ -80,13 +82,13 @@ def measure(root: Path, batch: str, tmp: Path, voxels: bool = True) -> dict:
         sampler = Sampler(pid)
         sampler.start()
         t0 = time.perf_counter()
-        kw = {}
-        if not voxels:
+        kw: dict = {"voxels": voxels}
+        if sums or not voxels:
             from pipeline.jobs import _file_sha
             from pipeline.parcellation import LabelSums
 
             atlas = str(root / "atlas-simulated_dseg.nii.gz")
-            kw = {"voxels": False, "reducers": [LabelSums(atlas, _file_sha(atlas))]}
+            kw["reducers"] = [LabelSums(atlas, _file_sha(atlas))]
         cat = storage.ingest(root, store, client=client, batch_bytes=batch, **kw)
         wall = time.perf_counter() - t0
         peak = sampler.stop()
@@ -105,6 +107,9 @@ def main() -> None:
     ap.add_argument("--batch", default="128MiB")
     ap.add_argument("--no-voxels", action="store_true",
                     help="region sums only (IngestOptions.voxels=False)")
+    ap.add_argument("--sums", action="store_true",
+                    help="with the region-sum reducer a labels job adds (implied by "
+                         "--no-voxels)")
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "bf-bench-data")
     args = ap.parse_args()
     shape = [int(s) for s in args.shape.split(",")]
@@ -112,9 +117,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.volumes or [1200]:
             root = make_run(args.data, shape, n, args.dtype)
-            rows.append(measure(root, args.batch, Path(tmp), voxels=not args.no_voxels))
+            rows.append(measure(root, args.batch, Path(tmp), voxels=not args.no_voxels,
+                                sums=args.sums))
     print(f"\n1 run of {'x'.join(map(str, shape))} {args.dtype}, batch_bytes={args.batch}, "
           f"{'without voxels (region sums), ' if args.no_voxels else ''}"
+          f"{'with region sums, ' if args.sums and not args.no_voxels else ''}"
           "1 worker process, RSS sampled every 10 ms\n")
     print("| volumes | run size (MB) | worker RSS before (MB) | peak RSS (MB) | "
           "peak / run size | ingest MB/s |")
