@@ -32,11 +32,13 @@ def describe_store(store, *, storage_options: dict | None = None, max_runs: int 
              f"runs: {len(ok)} complete, {len(cat) - len(ok)} failed"]
     if len(ok):
         raw, stored = store_sizes(bs)
-        ratio = raw / stored if stored else float("nan")
-        lines.append(f"bold: {format_bytes(raw)} uncompressed, {format_bytes(stored)} stored "
-                     f"(compression {ratio:.1f}x)")
-        cols = [c for c in ("run_id", "n_volumes", "t_r", "dtype", "n_confounds", "has_mask")
-                if c in ok]
+        if stored:
+            lines.append(f"bold: {format_bytes(raw)} uncompressed, {format_bytes(stored)} "
+                         f"stored (compression {raw / stored:.1f}x)")
+        else:
+            lines.append("bold: none stored (runs ingested without voxels)")
+        cols = [c for c in ("run_id", "n_volumes", "t_r", "dtype", "n_confounds", "has_mask",
+                            "voxels") if c in ok]
         lines.append(ok[cols].head(max_runs).to_string(index=False))
         if len(ok) > max_runs:
             lines.append(f"... and {len(ok) - max_runs} more")

@@ -338,8 +338,15 @@ def run_fingerprint(spec: RunSpec, options: IngestOptions, source_options: dict,
     recomputes a missing result from the voxels), and the fingerprint is the one of
     stores written before ``voxels`` existed.
     """
+    return _fingerprints(spec, options, source_options, reducers)[0]
+
+
+def _fingerprints(spec: RunSpec, options: IngestOptions, source_options: dict,
+                  reducers: Sequence[BlockReducer] = ()) -> tuple[str, set[str]]:
+    """The run's fingerprint for ``options``, and every stored fingerprint that serves
+    it (a run stored with its voxels also serves a request without them)."""
     opts = asdict(options.normalized())
-    derived = None if opts.pop("voxels") else sorted(str(r.name) for r in reducers)
+    voxels = opts.pop("voxels")
     payload = {
         "format": FORMAT_VERSION,
         "bold": _file_fingerprint(spec.bold, source_options, full=False),
@@ -353,10 +360,16 @@ def run_fingerprint(spec: RunSpec, options: IngestOptions, source_options: dict,
         "entities": spec.entities,
         "options": opts,
     }
-    if derived is not None:
-        payload["voxels"] = False
-        payload["derived"] = derived
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    def sha(obj: dict) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+    with_voxels = sha(payload)
+    if voxels:
+        return with_voxels, {with_voxels}
+    lean = sha({**payload, "voxels": False,
+                "derived": sorted(str(r.name) for r in reducers)})
+    return lean, {lean, with_voxels}
 
 
 # ----------------------------------------------------------------------------------------
@@ -455,7 +468,8 @@ def _delete_group(zstore, path: str) -> None:
 
 def _catalog_row(spec: RunSpec, status: str, *, error: str | None = None,
                  c: _CheckedRun | None = None, action: str = "", seconds: float = 0.0,
-                 fingerprint: str | None = None, nbytes: int = 0) -> dict[str, Any]:
+                 fingerprint: str | None = None, nbytes: int = 0,
+                 voxels: bool | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"run_id": spec.run_id}
     for key in ("sub", "ses", "task", "acq", "run", "space"):
         row[key] = spec.entities.get(key)
@@ -472,6 +486,8 @@ def _catalog_row(spec: RunSpec, status: str, *, error: str | None = None,
         "n_confounds": int(c.confounds.shape[1]) if c and c.confounds is not None else 0,
         "has_mask": bool(c is not None and c.mask is not None),
         "fingerprint": fingerprint,
+        # whether the store holds the run's voxels (False: only its derived arrays)
+        "voxels": voxels,
         "bytes": int(nbytes),
         # what ingestion read of the source: the whole BOLD file as stored (compressed for
         # .nii.gz) when the run was ingested; nothing when it was skipped
@@ -522,11 +538,7 @@ def ingest_run(spec: RunSpec, store: StoreRef, options: IngestOptions | None = N
     zstore = None
     try:
         c = _check_run(spec, source_options)
-        fingerprint = run_fingerprint(spec, options, source_options, reducers)
-        # a run stored with its voxels also serves a request without them
-        accepted = {fingerprint} if options.voxels else {
-            fingerprint, run_fingerprint(spec, dataclasses.replace(options, voxels=True),
-                                         source_options)}
+        fingerprint, accepted = _fingerprints(spec, options, source_options, reducers)
         zstore = store.open()
         path = spec.group_path
         if not overwrite:
@@ -537,9 +549,11 @@ def ingest_run(spec: RunSpec, store: StoreRef, options: IngestOptions | None = N
                         and attrs.get("boldflow_fingerprint") in accepted):
                     return _catalog_row(spec, "complete", c=c, action="skipped",
                                         fingerprint=attrs["boldflow_fingerprint"],
+                                        voxels=bool(attrs.get("voxels", True)),
                                         seconds=time.perf_counter() - start)
         nbytes = _write_run(c, zstore, path, fingerprint, options, reducers)
         return _catalog_row(spec, "complete", c=c, action="ingested", fingerprint=fingerprint,
+                            voxels=options.voxels,
                             nbytes=nbytes, seconds=time.perf_counter() - start)
     except Exception as e:
         if zstore is not None:

@@ -402,6 +402,12 @@ def test_ingest_without_voxels_gives_the_same_outputs_from_a_smaller_store(tmp_p
                    if p.is_file())
     assert size < ref_size / 5
     assert "ingested without voxels" in describe_store(store)
+    # that store as a job's input: a job that needs voxels fails each run, saying why
+    needs = Pipeline(_job(sim, tmp_path / "v", input=str(store), clean={"level": "voxel"},
+                          connectivity={"participants": str(sim.participants)})
+                     ).submit(client).result()
+    assert (needs.runs["status"] == "failed").all()
+    assert needs.runs["error"].str.contains("ingested without voxels").all()
     # a re-run skips ingestion and the runs; a job that needs voxels re-ingests with them
     again = Pipeline(job).submit(client).result()
     assert (again.runs["ingest"] == "skipped").all()

@@ -187,6 +187,8 @@ def test_without_voxels_reducers_get_the_file_order_and_resume_rules(tmp_path):
     storage.ingest([spec], full, reducers=[_VoxelStats()], **kw)
     cat = storage.ingest([spec], lean, reducers=[_VoxelStats()], voxels=False, **kw)
     assert list(cat["status"]) == ["complete"] and list(cat["action"]) == ["ingested"]
+    assert list(cat["voxels"]) == [False]
+    assert list(storage.open_store(full).catalog["voxels"]) == [True]
     g_full = zarr.open_group(str(full), path="sub-01/task-rest", mode="r")
     g_lean = zarr.open_group(str(lean), path="sub-01/task-rest", mode="r")
     assert "bold" not in g_lean and g_lean.attrs["voxels"] is False
@@ -206,7 +208,7 @@ def test_without_voxels_reducers_get_the_file_order_and_resume_rules(tmp_path):
     assert "sub-01/task-rest" not in zarr.open_group(str(lean), mode="r")  # nothing left
     # a run stored with voxels serves a request without them (nothing is dropped)
     skip = storage.ingest([spec], full, reducers=[_VoxelStats()], voxels=False, **kw)
-    assert list(skip["action"]) == ["skipped"]
+    assert list(skip["action"]) == ["skipped"] and list(skip["voxels"]) == [True]
     assert "bold" in zarr.open_group(str(full), path="sub-01/task-rest", mode="r")
     with pytest.raises(ValueError, match="needs at least one reducer"):
         storage.ingest([spec], lean, voxels=False)

@@ -301,11 +301,23 @@ def test_canica_matches_nilearn_on_the_same_files(synthetic, centred, canica_syn
         files.append(str(tmp_path / f"sub{n}.nii.gz"))
         nib.save(nib.Nifti1Image(img, np.eye(4)), files[-1])
     nib.save(nib.Nifti1Image(np.ones(shape, np.uint8), np.eye(4)), tmp_path / "mask.nii.gz")
-    ref = CanICA(mask=str(tmp_path / "mask.nii.gz"), n_components=8, smoothing_fwhm=None,
-                 n_init=5, random_state=0, standardize=None, detrend=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref.fit(files)
+    # nilearn unmixes with FastICA's "cube" non-linearity, which can overflow to NaN for
+    # one of its n_init seeds: with random_state=0 it does under single-threaded OpenBLAS
+    # on AMD EPYC (the last digits of its PCA differ by BLAS kernel), not on other hosts.
+    # The oracle is any converged CanICA fit: the next seed is taken when one diverges.
+    for seed in range(4):
+        ref = CanICA(mask=str(tmp_path / "mask.nii.gz"), n_components=8, smoothing_fwhm=None,
+                     n_init=5, random_state=seed, standardize=None, detrend=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ref.fit(files)
+                break
+            except ValueError as e:  # "array must not contain infs or NaNs"
+                if "NaN" not in str(e):
+                    raise
+    else:
+        pytest.fail("nilearn's CanICA diverged for 4 seeds")
     rows, cols, r = _match(canica_synthetic.components_, ref.components_)
     print(_table("\nGroupICA(canica) vs nilearn CanICA, synthetic NIfTI", rows, cols, r))
     assert r.min() >= 0.8
