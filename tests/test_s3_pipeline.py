@@ -35,6 +35,17 @@ def test_whole_pipeline_on_s3(tmp_path, s3_bucket):
         local = Pipeline({**job, "input": str(sim.root), "output": str(tmp_path / "out"),
                           "store": str(tmp_path / "s.zarr"), "storage_options": {}}
                          ).submit(client).result()
+        # region sums only, written to the bucket by the workers
+        lean = Pipeline({**job, "output": f"s3://{bucket}/lean-results",
+                         "store": f"s3://{bucket}/lean.zarr", "ingest": {"voxels": False}}
+                        ).submit(client).result()
+    assert (lean.runs["status"] == "complete").all(), lean.runs["error"].tolist()
+    np.testing.assert_allclose(lean.matrices["pearson"].values,
+                               local.matrices["pearson"].values, rtol=1e-10, atol=1e-12)
+    lean_keys = fs.find(f"{bucket}/lean.zarr")
+    assert any("/derived/labelsums-" in k for k in lean_keys)
+    assert not any("/bold/" in k for k in lean_keys)
+    assert any("/bold/" in k for k in fs.find(f"{bucket}/study.zarr"))
     assert (result.runs["status"] == "complete").all(), result.runs["error"].tolist()
     ts = (f"{bucket}/results/sub-02/func/sub-02_task-rest_space-MNI152NLin2009cAsym_"
           "seg-sim_stat-mean_timeseries.tsv")
