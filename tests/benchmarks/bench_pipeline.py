@@ -812,20 +812,15 @@ def main() -> None:
                 shutil.rmtree(st, ignore_errors=True)
                 say(f"\nBOLD chunks read back from the store after ingestion: {n_back} (counted "
                     "in an extra, untimed run; region sums come from ingestion's own pass).")
-                say("\nTask stream of the last boldflow repetition (ingest_run = gunzip + "
-                    "re-layout + compress + write + region sums of one run):\n")
-                for line in task_breakdown(*stream3, args.workers):
-                    say(line)
-                say("\nPer worker (same stream):\n")
-                for line in worker_gaps(stream3[0]):
-                    say(line)
+                streams = [("the last boldflow repetition (ingest_run = gunzip + re-layout + "
+                            "compress + write + region sums of one run)", stream3)]
                 if bf_lean:
-                    say("\nTask stream of the last round without voxels (ingest_run = gunzip + "
-                        "region sums of one run):\n")
-                    for line in task_breakdown(*stream_lean, args.workers):
-                        say(line)
-                    say("")
-                    for line in worker_gaps(stream_lean[0]):
+                    streams.append(("the last round without voxels (ingest_run = gunzip + "
+                                    "region sums of one run)", stream_lean))
+                for what, (data, wall) in streams:
+                    say(f"\nTask stream of {what}, and per worker:\n")
+                    for line in [*task_breakdown(data, wall, args.workers), "",
+                                 *worker_gaps(data)]:
                         say(line)
 
     say(f"\nload average at end: {os.getloadavg()[0]:.1f}; total script time "

@@ -180,13 +180,9 @@ def test_label_sums_at_ingest_equal_stored_chunks_and_nilearn(sim, tmp_path):
     assert _fused(store, "01", other)[2] is None
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_label_sums_at_ingest_scaled_int16_real_atlas_with_empty_regions(tmp_path, split):
-    """Real data stored as scaled int16; a real atlas resampled to it, regions outside the
-    brain mask are NaN columns in both paths."""
-    from pipeline.jobs import _file_sha
-    from pipeline.parcellation import LabelSums
-
+def _haxby_scaled_int16(tmp_path):
+    """Haxby run 1 rewritten as int16 with slope 0.5 / intercept 10, its brain mask, and
+    the Schaefer 100-region atlas (2 mm: resampled to the 2.5 mm grid)."""
     src = nib.load(HAXBY / "run-001" / "bold_25mm.nii.gz")
     img = nib.Nifti1Image(np.asanyarray(src.dataobj).astype(np.int16), src.affine, src.header)
     img.header.set_slope_inter(0.5, 10.0)
@@ -197,6 +193,17 @@ def test_label_sums_at_ingest_scaled_int16_real_atlas_with_empty_regions(tmp_pat
                            entities={"sub": "001", "task": "objects"}, t_r=2.5)
     atlas_path = ATLASES / ("tpl-MNI152NLin6Asym_atlas-Schaefer2018v0143_res-02_"
                             "desc-100Parcels17Networks_dseg.nii.gz")
+    return spec, bold_path, mask_path, atlas_path
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_label_sums_at_ingest_scaled_int16_real_atlas_with_empty_regions(tmp_path, split):
+    """Real data stored as scaled int16; a real atlas resampled to it, regions outside the
+    brain mask are NaN columns in both paths."""
+    from pipeline.jobs import _file_sha
+    from pipeline.parcellation import LabelSums
+
+    spec, bold_path, mask_path, atlas_path = _haxby_scaled_int16(tmp_path)
     store = tmp_path / "h.zarr"
     storage.ingest([spec], store, chunk_bytes="8KiB", batch_bytes="40KiB",
                    reducers=[LabelSums(str(atlas_path), _file_sha(str(atlas_path)), split)])
@@ -222,16 +229,7 @@ def test_label_sums_without_voxels_equal_stored_voxels_and_nilearn(tmp_path):
     from pipeline.jobs import _file_sha
     from pipeline.parcellation import LabelSums
 
-    src = nib.load(HAXBY / "run-001" / "bold_25mm.nii.gz")
-    img = nib.Nifti1Image(np.asanyarray(src.dataobj).astype(np.int16), src.affine, src.header)
-    img.header.set_slope_inter(0.5, 10.0)
-    bold_path = tmp_path / "bold.nii.gz"
-    img.to_filename(bold_path)
-    mask_path = HAXBY / "masks" / "25mm" / "brain.nii.gz"
-    spec = storage.RunSpec(bold=str(bold_path), mask=str(mask_path),
-                           entities={"sub": "001", "task": "objects"}, t_r=2.5)
-    atlas_path = ATLASES / ("tpl-MNI152NLin6Asym_atlas-Schaefer2018v0143_res-02_"
-                            "desc-100Parcels17Networks_dseg.nii.gz")
+    spec, bold_path, mask_path, atlas_path = _haxby_scaled_int16(tmp_path)
     reducer = LabelSums(str(atlas_path), _file_sha(str(atlas_path)))
     kw = {"chunk_bytes": "8KiB", "batch_bytes": "200KiB", "reducers": [reducer]}
     storage.ingest([spec], tmp_path / "full.zarr", **kw)
