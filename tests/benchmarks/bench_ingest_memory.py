@@ -63,8 +63,14 @@ class Sampler(threading.Thread):
         return self.peak
 
 
+def _set_max_pending(n: int) -> None:
+    import importlib
+
+    importlib.import_module("storage.ingest")._ChunkWriter.max_pending = n
+
+
 def measure(root: Path, batch: str, tmp: Path, voxels: bool = True,
-            sums: bool = False) -> dict:
+            sums: bool = False, max_pending: int | None = None) -> dict:
     import os
 
     from distributed import Client, LocalCluster
@@ -77,6 +83,8 @@ def measure(root: Path, batch: str, tmp: Path, voxels: bool = True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         (pid,) = client.run(os.getpid).values()
         client.run(lambda: __import__("storage"))
+        if max_pending is not None:
+            client.run(_set_max_pending, max_pending)
         time.sleep(0.5)
         baseline = psutil.Process(pid).memory_info().rss
         sampler = Sampler(pid)
@@ -107,6 +115,9 @@ def main() -> None:
     ap.add_argument("--batch", default="128MiB")
     ap.add_argument("--no-voxels", action="store_true",
                     help="region sums only (IngestOptions.voxels=False)")
+    ap.add_argument("--max-pending", type=int, default=None,
+                    help="queued chunk bytes before a concurrent store (0: one chunk at a "
+                         "time, as before session 10)")
     ap.add_argument("--sums", action="store_true",
                     help="with the region-sum reducer a labels job adds (implied by "
                          "--no-voxels)")
@@ -118,10 +129,11 @@ def main() -> None:
         for n in args.volumes or [1200]:
             root = make_run(args.data, shape, n, args.dtype)
             rows.append(measure(root, args.batch, Path(tmp), voxels=not args.no_voxels,
-                                sums=args.sums))
+                                sums=args.sums, max_pending=args.max_pending))
     print(f"\n1 run of {'x'.join(map(str, shape))} {args.dtype}, batch_bytes={args.batch}, "
           f"{'without voxels (region sums), ' if args.no_voxels else ''}"
           f"{'with region sums, ' if args.sums and not args.no_voxels else ''}"
+          f"{'' if args.max_pending is None else f'max_pending={args.max_pending}, '}"
           "1 worker process, RSS sampled every 10 ms\n")
     print("| volumes | run size (MB) | worker RSS before (MB) | peak RSS (MB) | "
           "peak / run size | ingest MB/s |")
