@@ -112,6 +112,7 @@ class IngestOptions:
         store a fraction of the size, written without laying the volumes out as time
         series or compressing them. Such a run cannot serve another atlas or a voxel-wise
         stage: those need it ingested again with voxels. Needs at least one reducer.
+        Such a run is read in batches of at most 8 MiB whatever ``batch_bytes``.
     """
 
     chunk_bytes: int | str = "32MiB"
