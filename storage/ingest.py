@@ -409,8 +409,6 @@ def _run_attrs(c: _CheckedRun, fingerprint: str, plan: ChunkPlan) -> dict[str, A
         },
         "chunks": list(plan.chunks),
         "shards": list(plan.shards) if plan.shards else None,
-        # False: no ``bold`` array, only the reducers' results under ``derived/``
-        "voxels": True,
     }
 
 
@@ -901,6 +899,7 @@ def _write_run(c: _CheckedRun, zstore, path: str, fingerprint: str,
                             series_bytes=options.series_bytes, mask=c.mask,
                             masked_series_bytes=(options.series_bytes or 0) // 4 or None)
     attrs = _run_attrs(c, fingerprint, plan)
+    # False: no ``bold`` array, only the reducers' results under ``derived/``
     attrs["voxels"] = bool(options.voxels)
     if not options.voxels and not reducers:
         raise ValueError(f"{c.spec.run_id}: ingesting without voxels needs at least one "
