@@ -169,11 +169,8 @@ def _chunk_label_sums(block: np.ndarray, ridx: np.ndarray, n_regions: int) -> np
     # series are contiguous rows of the chunk, so the gather copies whole rows
     nt = block.shape[3]
     out = np.zeros((1, 1, 1, nt, n_regions), dtype=np.float64)
-    flat = ridx.ravel()
-    keep = np.flatnonzero(flat >= 0)
-    if keep.size:
-        order = keep[np.argsort(flat[keep], kind="stable")]
-        present, starts = np.unique(flat[order], return_index=True)
+    order, present, starts = _region_plan(ridx.ravel())
+    if order.size:
         rows = block.reshape(-1, nt)[order]
         out[0, 0, 0][:, present] = np.add.reduceat(rows, starts, axis=0, dtype=np.float64).T
     return out
@@ -197,9 +194,9 @@ def _volume_label_sums(block: np.ndarray, plan: tuple[np.ndarray, np.ndarray, np
     return out
 
 
-def _volume_plan(ridx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Labelled voxels of ``ridx`` in Fortran flat order, grouped by region."""
-    flat = ridx.ravel(order="F")
+def _region_plan(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions of the labelled voxels of a flat region index, grouped by region (in
+    voxel order within each), the regions present and where each one's group starts."""
     keep = np.flatnonzero(flat >= 0)
     order = keep[np.argsort(flat[keep], kind="stable")]
     present, starts = np.unique(flat[order], return_index=True)
@@ -462,7 +459,7 @@ class _LabelSumsAccumulator:
             # volumes as read from the NIfTI file (a run ingested without voxels)
             key = tuple((s.start, s.stop) for s in (sx, sy, sz))
             if key not in self._plans:
-                self._plans[key] = _volume_plan(ridx)
+                self._plans[key] = _region_plan(ridx.ravel(order="F"))  # volume order
             self.sums[st] += _volume_label_sums(block, self._plans[key], len(self.atlas.labels))
             return
         part = _chunk_label_sums(block, ridx, len(self.atlas.labels))

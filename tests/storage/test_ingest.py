@@ -272,9 +272,9 @@ def test_manifest_source(tmp_path):
 # ---------------------------------------------------------------------------- bad input
 
 
-def _with_good_runs(tmp_path, bad: RunSpec) -> pd.DataFrame:
+def _with_good_runs(tmp_path, bad: RunSpec, **kw) -> pd.DataFrame:
     good = [make_run(tmp_path / f"good{i}", f"g{i}", seed=i) for i in range(2)]
-    cat = storage.ingest([good[0], bad, good[1]], tmp_path / "s.zarr")
+    cat = storage.ingest([good[0], bad, good[1]], tmp_path / "s.zarr", **kw)
     by_id = cat.set_index("run_id")
     # the others are ingested, the bad one is failed with nothing left in the store
     assert by_id.loc[good[0].run_id, "status"] == "complete"
@@ -290,11 +290,14 @@ def _with_good_runs(tmp_path, bad: RunSpec) -> pd.DataFrame:
     return by_id.loc[bad.run_id]
 
 
-def test_bad_truncated_gzip(tmp_path):
+@pytest.mark.parametrize("voxels", [True, False])
+def test_bad_truncated_gzip(tmp_path, voxels):
     spec = make_run(tmp_path / "bad", "bad", shape=(64, 64, 32, 12))
     blob = Path(spec.bold).read_bytes()
     Path(spec.bold).write_bytes(blob[: int(len(blob) * 0.6)])
-    row = _with_good_runs(tmp_path, spec)
+    # without voxels the volumes only pass through the reducers: the same errors, nothing left
+    row = _with_good_runs(tmp_path, spec, **({} if voxels else {
+        "voxels": False, "reducers": [_VoxelStats()]}))
     assert "sub-bad_task-rest_bold.nii.gz" in row["error"]
     assert "truncated" in row["error"]
 
@@ -364,13 +367,15 @@ def test_sidecar_tr_wins_over_header(tmp_path):
     assert ds.attrs["repetition_time_source"] == "sidecar"
 
 
+@pytest.mark.parametrize("voxels", [True, False])
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf])
-def test_bad_nonfinite_voxels(tmp_path, bad_value):
+def test_bad_nonfinite_voxels(tmp_path, bad_value, voxels):
     spec = make_run(tmp_path / "bad", "bad")
     data = bold_array((7, 8, 6, 20))
     data[3, 4, 2, 17] = bad_value
     write_bold(tmp_path / "bad" / "sub-bad_task-rest_bold.nii.gz", data)
-    row = _with_good_runs(tmp_path, spec)
+    row = _with_good_runs(tmp_path, spec, **({} if voxels else {
+        "voxels": False, "reducers": [_VoxelStats()]}))
     assert "sub-bad_task-rest_bold.nii.gz" in row["error"]
     assert "NaN/inf" in row["error"] and "(3, 4, 2)" in row["error"] and "volume 17" in row["error"]
 
